@@ -156,4 +156,36 @@ enum { COORD__SLOT_LOCKS, COORD__SLOT_REGISTRY, COORD__SLOT_RESOLVER, COORD__SLO
        COORD__SLOT_MAX };
 void *coord__slot_get(coord_t *c, int slot); /* NULL if never made */
 
+
+/* ---------------------------------------------------------------- streams */
+
+/* Every completion on the client's queue carries a tag that starts with
+ * this; the event thread calls fn(tag, ok). */
+typedef struct coord__tag {
+  void (*fn)(struct coord__tag *tag, int ok);
+} coord__tag_t;
+
+grpc_completion_queue *coord__cq(coord_t *c);
+/* Endpoint index calls should use now, and the report that one failed (the
+ * client then moves on to the next endpoint). */
+int coord__endpoint_current(coord_t *c);
+void coord__endpoint_failed(coord_t *c, int ep);
+const char *coord__endpoint_name(coord_t *c, int ep);
+/* A streaming call on endpoint ep without deadline, registered on the
+ * client's queue.  hasleader: add the "hasleader: true" metadata.  The
+ * initial metadata (token, hasleader) is filled into md (size >= 2) and must
+ * stay valid until the SEND_INITIAL_METADATA op completes. */
+grpc_call *coord__stream_call(coord_t *c, int ep, const char *path);
+size_t coord__call_metadata(coord_t *c, grpc_metadata *md, int hasleader);
+grpc_byte_buffer *coord__pack(const ProtobufCMessage *m);
+ProtobufCMessage *coord__unpack(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *bb);
+/* Maps a finished call's status to COORD_E* (and sets the detail). */
+int coord__status_err(grpc_status_code st, grpc_slice details, const char *what);
+/* Retry back-off for the n-th consecutive failure (1-based), jittered. */
+int64_t coord__backoff_ms(coord_t *c, int n);
+/* Re-authenticate asynchronously (token rejected); done(c, status, arg). */
+void coord__reauth_async(coord_t *c, void (*done)(coord_t *c, int status, void *arg), void *arg);
+/* Marks the connection state for coord_status. */
+void coord__set_connected(coord_t *c, int up);
+
 #endif
