@@ -348,6 +348,58 @@ int coord_registry_get_connection(coord_t *c, const char *name, struct grpc_chan
 int coord_registry_get_connection_lb(coord_t *c, const char *name, coord_lb_policy_t lb,
                                      struct grpc_channel **out);
 
+/* ---------------------------------------------------------------- resolver */
+
+/* The resolver is an xDS (ADS, state of the world, v3) server fed by the
+ * registry: gRPC's built-in xDS client resolves xds:///<name> through it and
+ * follows every change without reconnecting.
+ *
+ * coord_registry_get_connection starts one such server in-process on
+ * 127.0.0.1 (a free port) the first time it is called and points the
+ * process's gRPC at it by setting GRPC_XDS_BOOTSTRAP_CONFIG (and
+ * GRPC_EXPERIMENTAL_XDS_CUSTOM_LB_CONFIG=true, which pick_first needs in
+ * gRPC 1.51).  If the process already has GRPC_XDS_BOOTSTRAP or
+ * GRPC_XDS_BOOTSTRAP_CONFIG of its own, it fails with COORD_EEXIST instead
+ * of overriding it.  Round robin is the default; COORD_LB_PICK_FIRST
+ * resolves xds:///pick_first/<name> (authority <name>).  The channel
+ * belongs to the caller (grpc_channel_destroy).
+ *
+ * Resource names served: Listener "<name>" (or "pick_first/<name>") with an
+ * inline route to Cluster of the same name, an EDS Cluster over ADS, and its
+ * ClusterLoadAssignment: one locality (weight 1) with every registered
+ * instance of <name>, HEALTHY.  Any requested name is served; a service
+ * with no instances has an empty locality (calls fail with UNAVAILABLE). */
+
+typedef struct coord_xds_server_s coord_xds_server_t;
+
+/* Starts an xDS server on addr ("host:port"; port 0 picks a free one) that
+ * serves c's registry.  Runs its own thread and completion queue. */
+int coord_xds_server_start(coord_t *c, const char *addr, coord_xds_server_t **out);
+/* The port it listens on. */
+int coord_xds_server_port(const coord_xds_server_t *s);
+/* Stops it (streams are cancelled) and frees it.  Stop every server of a
+ * client before coord_close(c). */
+void coord_xds_server_stop(coord_xds_server_t *s);
+/* The gRPC xDS bootstrap JSON that points clients at server_uri
+ * ("host:port"); malloc'd, free() it.  Give it to any gRPC language through
+ * GRPC_XDS_BOOTSTRAP_CONFIG (the text) or GRPC_XDS_BOOTSTRAP (a file). */
+char *coord_xds_bootstrap_json(const char *server_uri);
+
+/* The current instances of a service without xDS.  addresses[i] is
+ * "host:port" as registered; target is a static gRPC target of their
+ * resolved IPs ("ipv4:10.0.0.1:80,10.0.0.2:80" or "ipv6:[::1]:80,..."),
+ * NULL if there are none; service_config is the matching round_robin
+ * service config {"loadBalancingConfig":[{"round_robin":{}}]} to pass as
+ * GRPC_ARG_SERVICE_CONFIG.  Such a channel does not follow later changes. */
+typedef struct coord_resolution {
+  size_t n;
+  char **addresses;
+  char *target;
+  char *service_config;
+} coord_resolution_t;
+int coord_registry_resolve(coord_t *c, const char *name, coord_resolution_t *out);
+void coord_resolution_clear(coord_resolution_t *r);
+
 /* ---------------------------------------------------------------- config */
 
 /* Values: a stored value that parses as JSON is that JSON, anything else is
