@@ -338,6 +338,10 @@ int coord_registry_watch(coord_t *c, const char *name, int with_current, coord_w
  * non-empty string, "port" an integer 1..65535, optional "id"/"name" strings,
  * optional "metadata" object. */
 int coord_service_from_json(const json_t *doc, coord_service_t *out);
+/* The same for a document found at /services/<name>/<id>: "name" and "id",
+ * if present, must equal name and id (either may be NULL: no check), and
+ * out->name / out->id are taken from the path when the document has none. */
+int coord_service_from_json_at(const json_t *doc, const char *name, const char *id, coord_service_t *out);
 json_t *coord_service_to_json(const coord_service_t *svc);
 void coord_service_clear(coord_service_t *svc);
 
@@ -409,7 +413,10 @@ void coord_resolution_clear(coord_resolution_t *r);
 int coord_config_get(coord_t *c, const char *key, json_t **out);
 int coord_config_set(coord_t *c, const char *key, const json_t *value);
 int coord_config_delete(coord_t *c, const char *key);
-/* jansson json_unpack / json_pack formats on the value of key. */
+/* jansson json_unpack / json_pack formats on the value of key.  unpack:
+ * COORD_EFORMAT (jansson's message in coord_last_error()) if the value does
+ * not match; pointers it hands out ("s", "o") stay valid until the next
+ * coord_config_unpack on the same thread. */
 int coord_config_unpack(coord_t *c, const char *key, const char *fmt, ...);
 int coord_config_pack(coord_t *c, const char *key, const char *fmt, ...);
 /* Object {key: value} of every key under the path prefix ("" or NULL: all).
