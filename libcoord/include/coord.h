@@ -268,7 +268,8 @@ int coord_watch_create(coord_t *c, const char *key, const coord_watch_opts_t *op
 /* Readable (POLLIN) while events are pending. */
 int coord_watch_fd(coord_watch_t *w);
 /* Next event: 0 and *ev (free with coord_event_free), COORD_ETIMEDOUT if none
- * came in time, COORD_ECLOSED after close, or the error that ended the watch. */
+ * came in time (timeout_ms 0: do not wait, -1: wait for ever),
+ * COORD_ECLOSED after coord_close, or the error that ended the watch. */
 int coord_watch_next(coord_watch_t *w, int timeout_ms, coord_event_t **ev);
 void coord_watch_close(coord_watch_t *w);
 

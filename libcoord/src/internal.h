@@ -120,6 +120,9 @@ typedef void (*coord__watch_cb)(void *arg, const coord_event_t *evs, size_t n, i
 /* key/range_end relative to the namespace; prefix: every key under key. */
 int coord__watch_add(coord_t *c, const char *key, int prefix, int64_t start_rev, coord__watch_cb cb, void *arg,
                      coord__watcher_t **out);
+/* As coord__watch_add; with_current: first emit the current keys as PUTs. */
+int coord__watch_add_ex(coord_t *c, const char *key, int prefix, int64_t start_rev, int with_current,
+                        coord__watch_cb cb, void *arg, coord__watcher_t **out);
 /* After return the callback is not running and will not run again (when
  * called from inside the callback itself, no further call follows). */
 void coord__watch_remove(coord__watcher_t *w);
