@@ -34,7 +34,10 @@
  *     is the lease revoked and the reg freed.  A step that sees REMOVED
  *     revokes whatever lease it had just been granted and stops.
  *   - The keep-alive "lost" callback gets rs (not the reg) and looks the
- *     reg up by lease id under rs->mu; the key watch gets the reg and is
+ *     reg up by lease id under rs->mu, so a late call about a lease we
+ *     stopped finds nothing; rs itself is freed by close only after an
+ *     event-thread fence (lease.c may call a "lost" callback it collected
+ *     just before the lease was stopped).  The key watch gets the reg and is
  *     removed (coord__watch_remove waits for a running callback) before the
  *     reg is freed.
  *
@@ -676,6 +679,36 @@ int coord_registry_unregister(coord_t *c, const char *name, const char *id) {
   return rc;
 }
 
+/* Event-thread barrier: returns once the event thread has run a timer
+ * queued now, i.e. once whatever callback it was running when we queued it
+ * (a keep-alive "lost" call collected before we stopped that lease, for
+ * instance) has returned. */
+struct fence {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int done;
+};
+
+static void fence_fn(coord_t *c, void *arg) {
+  COORD_UNUSED(c);
+  struct fence *f = arg;
+  pthread_mutex_lock(&f->mu);
+  f->done = 1;
+  pthread_cond_broadcast(&f->cv);
+  pthread_mutex_unlock(&f->mu);
+}
+
+static void event_thread_fence(coord_t *c) {
+  struct fence f = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
+  coord__after(c, 0, fence_fn, &f);
+  pthread_mutex_lock(&f.mu);
+  while (!f.done)
+    pthread_cond_wait(&f.cv, &f.mu);
+  pthread_mutex_unlock(&f.mu);
+  pthread_mutex_destroy(&f.mu);
+  pthread_cond_destroy(&f.cv);
+}
+
 void coord__registry_close(coord_t *c) {
   struct coord_registry_state *rs = coord__slot_get(c, COORD__SLOT_REGISTRY);
   if (rs == NULL)
@@ -693,6 +726,9 @@ void coord__registry_close(coord_t *c) {
     (void)reg_retire(rs, r, 1);
   }
   pthread_mutex_unlock(&rs->op_mu);
+  /* Every lease of ours has left the keep-alive set, but a "lost" call
+   * collected just before may still be running with rs as its argument. */
+  event_thread_fence(c);
   pthread_mutex_destroy(&rs->op_mu);
   pthread_mutex_destroy(&rs->mu);
   pthread_cond_destroy(&rs->cv);
