@@ -1,0 +1,1621 @@
+/*
+ * lock.c — distributed locks: etcd's concurrency.Mutex in C, asynchronous on
+ * the client's event thread, with a pool of pre-granted leases, fencing
+ * tokens and guarded writes (coord_config_set_guarded).
+ *
+ * ALGORITHM AND KEYS (DESIGN.md "Key layout"; identical to Go's
+ * concurrency.Mutex, so `etcdctl lock /locks/<name>` and Go programs
+ * interoperate):
+ *   prefix  = "/locks/<name>/"           (namespace prefix added by the core)
+ *   my key  = prefix + "<lease id in lower-case hex>", value = holder note
+ *   1. queueing Txn: if create_revision(my key) == 0
+ *        then Put(my key, "", lease) + Range(prefix, sort create ascend, limit 1)
+ *        else Range(my key)          + Range(prefix, sort create ascend, limit 1)
+ *      token = my key's create revision (the Txn revision when the Put ran).
+ *   2. held if the first key under the prefix has my create revision.
+ *   3. otherwise CHECK: a read-only Txn
+ *        if create_revision(my key) == token
+ *        then Range(prefix, max_create_revision = token - 1,
+ *                   sort create descend, limit 1)
+ *      (the compare makes a deleted own key visible at once).  No key below
+ *      mine: held.  Else watch that predecessor key from the response
+ *      revision + 1 and CHECK again when it is deleted (or the watch ends).
+ *   coord_range_opts_t / coord_op_t have no max_create_revision and no
+ *   compare range_end, so the request is built with coord__txn_build and
+ *   patched here before coord__unary_async serializes it.
+ *   try_acquire writes nothing when the lock is taken: its Txn compares
+ *   version(every key under the prefix) == 0 (a Compare with range_end) and
+ *   only then Puts; so COORD_ELOCKED leaves no key and costs no write.
+ *   After the queueing Txn the handle watches its own key (from the Txn
+ *   revision + 1): a DELETE means the lock (or the place in the queue) is
+ *   lost.  The lease's lost callback (lease.c) means the same.
+ *
+ * LEASES AND TTL: the caller's ttl_ms maps to etcd seconds rounded up
+ * (coord__ms_to_ttl_s: 1 ms -> 1 s, 1500 ms -> 2 s); 0 means
+ * COORD_LOCK_DEFAULT_TTL_MS (10 s); a negative TTL is COORD_EINVAL.  etcd may
+ * raise a tiny TTL to its minimum.  Every handle uses a lease of its own,
+ * taken from a per-client pool of pre-granted leases per TTL (in seconds),
+ * kept alive by coord_lease_keepalive on the one KeepAlive stream.  A lease
+ * goes back to the pool only when its key is known to be gone (the release
+ * Delete succeeded, or no key was ever written); when in doubt (a write
+ * timed out, the key was deleted by someone else, which may mean the lease
+ * was revoked) it is revoked instead.  The pool is refilled asynchronously
+ * (POOL_SPARE free leases per TTL once a TTL has been used, at most POOL_MAX
+ * kept), so an uncontended acquire + unlock costs exactly two writes: the
+ * queueing Txn and the Delete.
+ *
+ * STATE MACHINE of a handle (h->state):
+ *
+ *   LK_LEASE --grant--> LK_TXN --lowest--> LK_HELD --key/lease gone--> LK_LOST
+ *   (pool lease: start     |                  ^
+ *    directly in LK_TXN)   +--not lowest--> LK_CHECK <--pred deleted-- LK_WAIT
+ *                                             |  +--pred found------->  ^
+ *                                             +--none below--> LK_HELD
+ *   any pending state (LEASE, TXN, CHECK, WAIT) --error/cancel/lost--> LK_FAILED
+ *   LK_HELD --coord_lock_unlock--> LK_RELEASED
+ *
+ *   At most one "main" call (grant, queueing Txn, CHECK) is in flight
+ *   (h->busy).  Events that arrive while it is (cancel, lease lost, key
+ *   deleted) only set flags (h->cancel, h->lease_dead, h->key_gone); the
+ *   call's completion acts on them.  In LK_WAIT nothing is in flight, so such
+ *   an event acts at once.
+ *   Failure path: fail() moves to LK_FAILED, detaches the watchers and
+ *   disposes of key and lease (dispose()): no key -> lease back to the pool;
+ *   key exists -> async Delete (h->cleaning), then lease back to the pool;
+ *   outcome of a write unknown or key deleted by someone else -> revoke the
+ *   lease; lease dead -> forget it.  The acquire outcome (callback or wakeup
+ *   of the blocking form) is delivered only after that cleanup finished, so
+ *   a cancelled or timed-out waiter has no key left once it is told.
+ *
+ * THREADS, LOCKS, OWNERSHIP:
+ *   - One mutex per client (pool->mu) guards the pool and every field of
+ *     every handle of that client; one condvar (pool->cond, CLOCK_MONOTONIC)
+ *     is broadcast whenever an outcome is delivered or a call completes.
+ *   - Lock order: pool->mu before any lock of the core (it is fine to start
+ *     core calls under pool->mu; the core never runs a callback under its own
+ *     locks).  User callbacks and coord__watch_remove are NEVER called with
+ *     pool->mu held: transitions collect them in a post_t that post_run()
+ *     executes after the mutex is released.
+ *   - Every completion, watch event, timer and lease-lost callback runs on
+ *     the event thread and never blocks.  Blocking functions
+ *     (coord_lock_acquire, _try_acquire, _ttl, _set_note, guarded writes)
+ *     refuse to run on the event thread (COORD_EINVAL); coord_lock_unlock and
+ *     coord_lock_cancel may be called from anywhere, including from inside
+ *     the handle's own callbacks (then unlock does not wait).
+ *   - Handle lifetime is reference counted (h->refs): one reference for the
+ *     user (dropped by coord_lock_unlock), one per call or timer in flight
+ *     (h->ops counts those), one temporary reference while post_run works on
+ *     the handle.  The handle is freed when refs reaches 0; watchers are
+ *     always removed before that (asserted).  A watcher's callback may use
+ *     its handle because the watcher is removed before the handle can go.
+ *   - The acquire callback runs exactly once, on the event thread, unless
+ *     coord_lock_unlock was called first (then never); h->calling counts
+ *     user callbacks running so that unlock from another thread waits for
+ *     them ("its callback is not called after this returns").
+ *   - Blocking unlock (off the event thread) waits until no call of the
+ *     handle is in flight, so the key is gone when it returns; it returns
+ *     COORD_ELOST if the lock had been lost (or the Delete found no key), the
+ *     Delete's error if the Delete failed (the lease is then revoked), else 0.
+ *     From the event thread it returns at once with the local view.
+ *   - coord__locks_close (from coord_close, event thread still running)
+ *     cancels every pending acquire (callbacks get COORD_ECLOSED), releases
+ *     every held lock, waits for every call in flight, revokes the pool's
+ *     leases, waits for the event thread to pass a barrier (so no lease-lost
+ *     callback still runs), then frees the pool AND every handle the user did
+ *     not unlock: handles must not be used after coord_close.
+ */
+#include "internal.h"
+
+#include <assert.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define LOCKS_ROOT "/locks/"
+#define POOL_SPARE 1 /* free leases kept ready per TTL once that TTL is used */
+#define POOL_MAX 4   /* free leases kept at most per TTL; more are revoked */
+/* Used when a blocking call asks for the client's default (timeout 0): the
+ * core does not expose its configured default to subsystems. */
+#define LOCK_DEFAULT_TIMEOUT_MS 5000
+/* How long coord__locks_close waits for calls in flight before giving up
+ * (and leaking rather than freeing memory a late callback could touch). */
+#define CLOSE_WAIT_MS 30000
+
+typedef enum {
+  LK_LEASE, /* waiting for a lease grant */
+  LK_TXN,   /* queueing Txn in flight */
+  LK_CHECK, /* CHECK Txn in flight */
+  LK_WAIT,  /* watching the predecessor */
+  LK_HELD,
+  LK_LOST,     /* was held; lease or key gone */
+  LK_FAILED,   /* acquire ended without the lock (h->status says why) */
+  LK_RELEASED, /* unlocked (or released by close) after being held */
+} lk_state_t;
+
+static int is_pending(lk_state_t s) {
+  return s == LK_LEASE || s == LK_TXN || s == LK_CHECK || s == LK_WAIT;
+}
+
+typedef struct lease_class {
+  struct coord_lock_pool *pool;
+  int64_t ttl_s;
+  int64_t free_ids[POOL_MAX];
+  int nfree;
+  int refilling; /* grants in flight for this class */
+  struct lease_class *next;
+} lease_class_t;
+
+struct coord_lock_pool {
+  coord_t *c;
+  pthread_mutex_t mu;
+  pthread_cond_t cond;
+  lease_class_t *classes;
+  coord_lock_t *locks; /* every live handle (doubly linked) */
+  int ops;             /* pool-level calls in flight (refill grants, revokes) */
+  int closing;
+  int barrier_done;
+};
+
+struct coord_lock_s {
+  coord_t *c;
+  struct coord_lock_pool *pool;
+  coord_lock_t *prev, *next;
+  char *name;
+  char *prefix; /* "/locks/<name>/" */
+  char *key;    /* prefix + lease hex; NULL until a lease is assigned */
+  lease_class_t *cls;
+  int64_t lease;   /* 0 until assigned */
+  int lease_owned; /* the handle owns h->lease (not yet handed back) */
+  int64_t token;   /* create revision of key; 0 until known */
+  int64_t own_rev; /* last revision seen on our own key */
+  lk_state_t state;
+  int status; /* LK_FAILED: why */
+  char *detail;
+  int try_mode;
+  int sync; /* blocking form: outcome read by the waiting caller */
+  coord_lock_cb cb;
+  void *cb_arg;
+  coord_lock_lost_cb lost_cb;
+  void *lost_arg;
+  int cb_pending;    /* acquire outcome not delivered yet */
+  int deliver_timer; /* a timer will deliver the outcome */
+  int cancel;        /* cancel asked while a call was in flight */
+  int cancel_status;
+  int lease_dead;   /* etcd reported the lease gone */
+  int key_gone;     /* our key was deleted by someone else */
+  int lost_pending; /* lost, lost_cb not called yet */
+  int user_gone;    /* coord_lock_unlock called */
+  int release_rc;
+  int retried;     /* queueing Txn retried once with a fresh lease */
+  int key_written; /* the queueing Txn put our key (it may still exist) */
+  int busy;        /* a main call (grant, Txn, CHECK) in flight */
+  int cleaning;    /* a cleanup Delete in flight */
+  int calling;     /* user callbacks running now */
+  int ops;         /* calls and timers in flight */
+  int refs;
+  coord__watcher_t *own_w;
+  coord__watcher_t *pred_w;
+};
+
+/* Work collected under the mutex and done after it is released. */
+typedef struct post {
+  coord_lock_t *h; /* holds a temporary reference when set */
+  coord__watcher_t *rm[2];
+  int call_acq;
+  int acq_status;
+  int call_lost;
+  coord_lock_lost_cb lost_cb;
+  void *lost_arg;
+} post_t;
+
+static void pool_lease_lost(int64_t id, void *arg);
+static void start_txn(coord_lock_t *h, post_t *p);
+static void start_check(coord_lock_t *h, post_t *p);
+static void fail(coord_lock_t *h, int status, post_t *p);
+
+/* ---------------------------------------------------------------- helpers */
+
+static int check_name(const char *fn, const char *name) {
+  if (name == NULL)
+    return coord__err(COORD_EINVAL, "%s: lock name is NULL", fn);
+  if (name[0] == '\0')
+    return coord__err(COORD_EINVAL, "%s: lock name is empty", fn);
+  if (strchr(name, '/') != NULL)
+    return coord__err(COORD_EINVAL, "%s: lock name \"%s\" contains '/'", fn, name);
+  return 0;
+}
+
+/* ms TTL -> etcd seconds: 0 is the default (10 s), negative is invalid,
+ * anything else rounds up to whole seconds. */
+static int ttl_seconds(const char *fn, int64_t ttl_ms, int64_t *out) {
+  if (ttl_ms < 0)
+    return coord__err(COORD_EINVAL, "%s: negative TTL %" PRId64 " ms", fn, ttl_ms);
+  if (ttl_ms == 0)
+    ttl_ms = COORD_LOCK_DEFAULT_TTL_MS;
+  *out = coord__ms_to_ttl_s(ttl_ms);
+  return 0;
+}
+
+static void deadline_after(struct timespec *ts, int64_t ms) {
+  clock_gettime(CLOCK_MONOTONIC, ts);
+  ts->tv_sec += ms / 1000;
+  ts->tv_nsec += (ms % 1000) * 1000000L;
+  if (ts->tv_nsec >= 1000000000L) {
+    ts->tv_sec++;
+    ts->tv_nsec -= 1000000000L;
+  }
+}
+
+static void post_add_rm(post_t *p, coord__watcher_t **w) {
+  if (*w == NULL)
+    return;
+  if (p->rm[0] == NULL)
+    p->rm[0] = *w;
+  else {
+    assert(p->rm[1] == NULL);
+    p->rm[1] = *w;
+  }
+  *w = NULL;
+}
+
+/* Under mu: make sure the post holds a reference on h. */
+static void post_ref(coord_lock_t *h, post_t *p) {
+  if (p->h == NULL) {
+    p->h = h;
+    h->refs++;
+  }
+  assert(p->h == h);
+}
+
+static void detach_watchers(coord_lock_t *h, post_t *p) {
+  if (h->own_w != NULL || h->pred_w != NULL)
+    post_ref(h, p);
+  post_add_rm(p, &h->own_w);
+  post_add_rm(p, &h->pred_w);
+}
+
+static void list_remove(struct coord_lock_pool *pool, coord_lock_t *h) {
+  if (h->prev)
+    h->prev->next = h->next;
+  else if (pool->locks == h)
+    pool->locks = h->next;
+  if (h->next)
+    h->next->prev = h->prev;
+  h->prev = h->next = NULL;
+}
+
+static void lock_free(coord_lock_t *h) {
+  assert(h->own_w == NULL && h->pred_w == NULL);
+  assert(h->ops == 0 && h->calling == 0);
+  free(h->name);
+  free(h->prefix);
+  free(h->key);
+  free(h->detail);
+  free(h);
+}
+
+/* Under mu: drop a reference; returns 1 if the caller must lock_free(h)
+ * after releasing mu (h is already off the list). */
+static int unref_locked(coord_lock_t *h) {
+  assert(h->refs > 0);
+  if (--h->refs > 0)
+    return 0;
+  list_remove(h->pool, h);
+  return 1;
+}
+
+static void unref(coord_lock_t *h) {
+  struct coord_lock_pool *pool = h->pool;
+  pthread_mutex_lock(&pool->mu);
+  int dead = unref_locked(h);
+  pthread_mutex_unlock(&pool->mu);
+  if (dead)
+    lock_free(h);
+}
+
+/* Runs what a transition collected; mu must NOT be held. */
+static void post_run(post_t *p) {
+  for (int i = 0; i < 2; i++)
+    if (p->rm[i] != NULL)
+      coord__watch_remove(p->rm[i]);
+  coord_lock_t *h = p->h;
+  if (h == NULL)
+    return;
+  if (p->call_acq)
+    h->cb(h, p->acq_status, h->cb_arg);
+  if (p->call_lost)
+    p->lost_cb(h, p->lost_arg);
+  struct coord_lock_pool *pool = h->pool;
+  pthread_mutex_lock(&pool->mu);
+  h->calling -= p->call_acq + p->call_lost;
+  assert(h->calling >= 0);
+  pthread_cond_broadcast(&pool->cond);
+  int dead = unref_locked(h);
+  pthread_mutex_unlock(&pool->mu);
+  if (dead)
+    lock_free(h);
+}
+
+/* Under mu: a call or timer for h starts (its completion calls op_done). */
+static void op_begin(coord_lock_t *h) {
+  h->ops++;
+  h->refs++;
+}
+
+/* Under mu, at the start of a completion: the call is over; its reference
+ * moves into the post (dropped by post_run). */
+static void op_done(coord_lock_t *h, post_t *p) {
+  assert(h->ops > 0);
+  h->ops--;
+  if (p->h == NULL)
+    p->h = h; /* takes over the call's reference */
+  else
+    h->refs--;
+  pthread_cond_broadcast(&h->pool->cond);
+}
+
+/* ---------------------------------------------------------------- pool */
+
+static void *pool_new(coord_t *c) {
+  struct coord_lock_pool *pool = coord__xmalloc(sizeof *pool);
+  if (pool == NULL)
+    return NULL;
+  pool->c = c;
+  pthread_mutex_init(&pool->mu, NULL);
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&pool->cond, &ca);
+  pthread_condattr_destroy(&ca);
+  return pool;
+}
+
+static lease_class_t *class_get(struct coord_lock_pool *pool, int64_t ttl_s) {
+  for (lease_class_t *k = pool->classes; k; k = k->next)
+    if (k->ttl_s == ttl_s)
+      return k;
+  lease_class_t *k = coord__xmalloc(sizeof *k);
+  if (k == NULL)
+    return NULL;
+  k->pool = pool;
+  k->ttl_s = ttl_s;
+  k->next = pool->classes;
+  pool->classes = k;
+  return k;
+}
+
+static void pool_revoke_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg) {
+  struct coord_lock_pool *pool = arg;
+  pthread_mutex_lock(&pool->mu);
+  pool->ops--;
+  pthread_cond_broadcast(&pool->cond);
+  pthread_mutex_unlock(&pool->mu);
+}
+
+/* Under mu: stop keeping id alive and revoke it (deletes any key on it). */
+static void pool_revoke(struct coord_lock_pool *pool, int64_t id) {
+  coord_lease_keepalive_stop(pool->c, id);
+  Etcdserverpb__LeaseRevokeRequest req = ETCDSERVERPB__LEASE_REVOKE_REQUEST__INIT;
+  req.id = id;
+  pool->ops++;
+  if (coord__unary_async(pool->c, &coord__m_lease_revoke, &req.base, 0, pool_revoke_done, pool) < 0)
+    pool->ops--; /* it will expire by itself */
+}
+
+/* Under mu: a live lease with no key on it goes back to the pool. */
+static void pool_put(lease_class_t *k, int64_t id) {
+  struct coord_lock_pool *pool = k->pool;
+  if (pool->closing || k->nfree >= POOL_MAX) {
+    pool_revoke(pool, id);
+    return;
+  }
+  k->free_ids[k->nfree++] = id;
+}
+
+static void pool_refill_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg) {
+  lease_class_t *k = arg;
+  struct coord_lock_pool *pool = k->pool;
+  pthread_mutex_lock(&pool->mu);
+  pool->ops--;
+  k->refilling--;
+  if (status == 0) {
+    Etcdserverpb__LeaseGrantResponse *r = (Etcdserverpb__LeaseGrantResponse *)resp;
+    if (r->id != 0 && (r->error == NULL || r->error[0] == '\0')) {
+      if (coord_lease_keepalive(c, r->id, pool_lease_lost, pool) < 0)
+        pool_revoke(pool, r->id);
+      else
+        pool_put(k, r->id);
+    }
+  }
+  pthread_cond_broadcast(&pool->cond);
+  pthread_mutex_unlock(&pool->mu);
+}
+
+/* Under mu: keep POOL_SPARE leases of this TTL ready. */
+static void pool_refill(lease_class_t *k) {
+  struct coord_lock_pool *pool = k->pool;
+  while (!pool->closing && k->nfree + k->refilling < POOL_SPARE) {
+    Etcdserverpb__LeaseGrantRequest req = ETCDSERVERPB__LEASE_GRANT_REQUEST__INIT;
+    req.ttl = k->ttl_s;
+    k->refilling++;
+    pool->ops++;
+    if (coord__unary_async(pool->c, &coord__m_lease_grant, &req.base, 0, pool_refill_done, k) < 0) {
+      k->refilling--;
+      pool->ops--;
+      return;
+    }
+  }
+}
+
+/* Under mu: a free lease of this TTL, or 0. */
+static int64_t pool_take(lease_class_t *k) {
+  int64_t id = 0;
+  if (k->nfree > 0)
+    id = k->free_ids[--k->nfree];
+  pool_refill(k);
+  return id;
+}
+
+/* Under mu: the handle gives up its lease.  how: 0 back to the pool (no key
+ * on it), 1 revoke, 2 forget (etcd already dropped it). */
+static void lease_hand_back(coord_lock_t *h, int how) {
+  if (!h->lease_owned)
+    return;
+  h->lease_owned = 0;
+  if (how == 0)
+    pool_put(h->cls, h->lease);
+  else if (how == 1)
+    pool_revoke(h->pool, h->lease);
+  else
+    coord_lease_keepalive_stop(h->c, h->lease);
+}
+
+/* ---------------------------------------------------------------- delivery */
+
+static void deliver(coord_lock_t *h, post_t *p);
+
+static void deliver_timer_fn(coord_t *c, void *arg) {
+  coord_lock_t *h = arg;
+  post_t p = {0};
+  pthread_mutex_lock(&h->pool->mu);
+  op_done(h, &p);
+  h->deliver_timer = 0;
+  deliver(h, &p);
+  pthread_mutex_unlock(&h->pool->mu);
+  post_run(&p);
+}
+
+/* Under mu: hand the acquire outcome (state LK_HELD or LK_FAILED) to the
+ * blocking waiter or the callback, once, after any cleanup. */
+static void deliver(coord_lock_t *h, post_t *p) {
+  assert(!is_pending(h->state));
+  if (!h->cb_pending || h->cleaning || h->deliver_timer)
+    return;
+  if (h->sync || h->cb == NULL) {
+    h->cb_pending = 0;
+    pthread_cond_broadcast(&h->pool->cond);
+    return;
+  }
+  if (coord__on_event_thread(h->c)) {
+    h->cb_pending = 0;
+    post_ref(h, p);
+    p->call_acq = 1;
+    p->acq_status = h->state == LK_HELD ? 0 : h->status;
+    h->calling++;
+    pthread_cond_broadcast(&h->pool->cond);
+    return;
+  }
+  /* Callbacks run on the event thread only. */
+  h->deliver_timer = 1;
+  op_begin(h);
+  coord__after(h->c, 0, deliver_timer_fn, h);
+}
+
+static void notify_lost(coord_lock_t *h, post_t *p) {
+  if (!h->lost_pending || h->lost_cb == NULL || h->user_gone)
+    return;
+  h->lost_pending = 0;
+  post_ref(h, p);
+  p->call_lost = 1;
+  p->lost_cb = h->lost_cb;
+  p->lost_arg = h->lost_arg;
+  h->calling++;
+}
+
+/* ---------------------------------------------------------------- transitions */
+
+static void remember_detail(coord_lock_t *h) {
+  if (h->detail == NULL && coord__on_event_thread(h->c)) {
+    const char *d = coord_last_error();
+    if (d != NULL && d[0] != '\0')
+      h->detail = coord__strdup(d);
+  }
+}
+
+/* Under mu: disposes of key and lease after an acquire ended without the
+ * lock.  key_written: our key may exist; uncertain: a write's outcome is
+ * unknown. */
+static void dispose(coord_lock_t *h, int key_written, int uncertain);
+
+static void cleanup_done(coord_t *c, int status, coord_kv_result_t *r, void *arg) {
+  coord_lock_t *h = arg;
+  post_t p = {0};
+  pthread_mutex_lock(&h->pool->mu);
+  op_done(h, &p);
+  h->cleaning = 0;
+  if (h->state == LK_RELEASED && h->release_rc == 0) {
+    if (status < 0)
+      h->release_rc = status;
+    else if (r != NULL && r->count == 0)
+      h->release_rc = coord__err(COORD_ELOST, "coord_lock_unlock: %s was already gone", h->key);
+  }
+  if (h->lease_dead)
+    lease_hand_back(h, 2);
+  else if (status < 0 || (r != NULL && r->count == 0) || h->key_gone)
+    lease_hand_back(h, 1); /* not sure what is on it: revoke */
+  else
+    lease_hand_back(h, 0);
+  if (h->state == LK_FAILED)
+    deliver(h, &p);
+  pthread_mutex_unlock(&h->pool->mu);
+  coord_kv_result_free(r);
+  post_run(&p);
+}
+
+static void dispose(coord_lock_t *h, int key_written, int uncertain) {
+  if (!h->lease_owned)
+    return;
+  if (h->lease_dead) {
+    lease_hand_back(h, 2);
+  } else if (uncertain || h->key_gone) {
+    lease_hand_back(h, 1);
+  } else if (key_written) {
+    op_begin(h);
+    h->cleaning = 1;
+    if (coord__delete_async(h->c, h->key, NULL, cleanup_done, h) < 0) {
+      h->cleaning = 0;
+      h->ops--;
+      h->refs--; /* the caller holds its own reference */
+      lease_hand_back(h, 1);
+    }
+  } else {
+    lease_hand_back(h, 0);
+  }
+}
+
+/* Under mu: the pending acquire ends without the lock.  uncertain: a write
+ * of ours may or may not have happened (the lease is revoked). */
+static void fail_ex(coord_lock_t *h, int status, int uncertain, post_t *p) {
+  assert(is_pending(h->state));
+  assert(status < 0);
+  h->state = LK_FAILED;
+  h->status = status;
+  detach_watchers(h, p);
+  dispose(h, h->key_written, uncertain);
+  deliver(h, p);
+}
+
+static void fail(coord_lock_t *h, int status, post_t *p) {
+  fail_ex(h, status, 0, p);
+}
+
+/* Under mu: the lock is ours. */
+static void held(coord_lock_t *h, post_t *p) {
+  assert(is_pending(h->state));
+  h->state = LK_HELD;
+  post_add_rm(p, &h->pred_w);
+  deliver(h, p);
+}
+
+/* Under mu: our key or lease is gone.  Acts now unless a main call is in
+ * flight (its completion looks at the flags). */
+static void lost_event(coord_lock_t *h, post_t *p) {
+  if (h->state == LK_HELD) {
+    h->state = LK_LOST;
+    detach_watchers(h, p);
+    h->lost_pending = 1;
+    notify_lost(h, p);
+  } else if (is_pending(h->state) && !h->busy) {
+    fail(h, coord__err(COORD_ELOST, "lock %s: lost the place in the queue (key or lease gone)", h->key), p);
+  }
+}
+
+/* ---------------------------------------------------------------- watches */
+
+static void own_watch_cb(void *arg, const coord_event_t *evs, size_t n, int status);
+
+/* Under mu: watch our own key from rev (after the queueing Txn). */
+static int own_watch_start(coord_lock_t *h, int64_t rev) {
+  assert(h->own_w == NULL);
+  return coord__watch_add(h->c, h->key, 0, rev, own_watch_cb, h, &h->own_w);
+}
+
+static void own_watch_cb(void *arg, const coord_event_t *evs, size_t n, int status) {
+  coord_lock_t *h = arg;
+  post_t p = {0};
+  pthread_mutex_lock(&h->pool->mu);
+  if (h->own_w == NULL) {
+    pthread_mutex_unlock(&h->pool->mu);
+    return;
+  }
+  if (status < 0) {
+    /* The watch ended; watch again from where it stopped (the lease-lost
+     * callback still guards us if that fails). */
+    coord__watcher_t *old = h->own_w;
+    h->own_w = NULL;
+    h->refs++; /* keeps h while the mutex is released */
+    pthread_mutex_unlock(&h->pool->mu);
+    coord__watch_remove(old);
+    pthread_mutex_lock(&h->pool->mu);
+    if (!h->pool->closing && !coord__closing(h->c) && status != COORD_ECLOSED && h->own_w == NULL &&
+        (is_pending(h->state) || h->state == LK_HELD))
+      own_watch_start(h, h->own_rev + 1);
+    int dead = unref_locked(h);
+    pthread_mutex_unlock(&h->pool->mu);
+    if (dead)
+      lock_free(h);
+    return;
+  }
+  int gone = 0;
+  for (size_t i = 0; i < n; i++) {
+    if (evs[i].revision > h->own_rev)
+      h->own_rev = evs[i].revision;
+    if (evs[i].type == COORD_EVENT_DELETE)
+      gone = 1;
+  }
+  if (gone) {
+    h->key_gone = 1;
+    lost_event(h, &p);
+  }
+  pthread_mutex_unlock(&h->pool->mu);
+  post_run(&p);
+}
+
+static void pred_watch_cb(void *arg, const coord_event_t *evs, size_t n, int status) {
+  coord_lock_t *h = arg;
+  post_t p = {0};
+  pthread_mutex_lock(&h->pool->mu);
+  if (h->state != LK_WAIT || h->pred_w == NULL) {
+    pthread_mutex_unlock(&h->pool->mu);
+    return;
+  }
+  int again = status < 0;
+  for (size_t i = 0; i < n; i++)
+    if (evs[i].type == COORD_EVENT_DELETE)
+      again = 1;
+  if (again) {
+    post_ref(h, &p);
+    post_add_rm(&p, &h->pred_w);
+    start_check(h, &p);
+  }
+  pthread_mutex_unlock(&h->pool->mu);
+  post_run(&p);
+}
+
+/* ---------------------------------------------------------------- calls */
+
+/* Sends a Txn built from txn, with the patches coord_txn_t cannot express:
+ * max_create (> 0) on the first success Range, and the range end of
+ * cmp_prefix (non-NULL) on the first compare. */
+static int send_txn(coord_lock_t *h, const coord_txn_t *txn, int64_t max_create, const char *cmp_prefix,
+                    coord__unary_cb cb) {
+  Etcdserverpb__TxnRequest *req = coord__txn_build(h->c, txn);
+  if (req == NULL)
+    return coord__err(COORD_ENOMEM, "lock %s: cannot build Txn", h->name);
+  char *end = NULL;
+  if (cmp_prefix != NULL) {
+    size_t klen = 0, elen = 0;
+    char *full = coord__key(h->c, cmp_prefix, &klen);
+    if (full != NULL)
+      end = coord__prefix_end(full, klen, &elen);
+    free(full);
+    if (end == NULL || req->n_compare < 1) {
+      free(end);
+      coord__txn_request_free(req);
+      return coord__err(COORD_ENOMEM, "lock %s: cannot build Txn", h->name);
+    }
+    req->compare[0]->range_end.data = (uint8_t *)end;
+    req->compare[0]->range_end.len = elen;
+  }
+  if (max_create > 0) {
+    assert(req->n_success >= 1 &&
+           req->success[0]->request_case == ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_RANGE);
+    req->success[0]->request_range->max_create_revision = max_create;
+  }
+  int rc = coord__unary_async(h->c, &coord__m_txn, &req->base, 0, cb, h);
+  if (end != NULL) { /* ours: take it back before the request is freed */
+    req->compare[0]->range_end.data = NULL;
+    req->compare[0]->range_end.len = 0;
+    free(end);
+  }
+  coord__txn_request_free(req);
+  return rc;
+}
+
+static void grant_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg);
+
+/* Under mu: get a lease (pool or grant), then the queueing Txn. */
+static void start_lease(coord_lock_t *h, post_t *p) {
+  h->state = LK_LEASE;
+  int64_t id = pool_take(h->cls);
+  if (id != 0) {
+    h->lease = id;
+    h->lease_owned = 1;
+    free(h->key);
+    h->key = coord__sprintf("%s%" PRIx64, h->prefix, (uint64_t)id);
+    if (h->key == NULL) {
+      fail(h, coord__err(COORD_ENOMEM, "lock %s: out of memory", h->name), p);
+      return;
+    }
+    start_txn(h, p);
+    return;
+  }
+  Etcdserverpb__LeaseGrantRequest req = ETCDSERVERPB__LEASE_GRANT_REQUEST__INIT;
+  req.ttl = h->cls->ttl_s;
+  op_begin(h);
+  h->busy = 1;
+  int rc = coord__unary_async(h->c, &coord__m_lease_grant, &req.base, 0, grant_done, h);
+  if (rc < 0) {
+    h->busy = 0;
+    h->ops--;
+    h->refs--;
+    fail(h, rc, p);
+  }
+}
+
+static void grant_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg) {
+  coord_lock_t *h = arg;
+  post_t p = {0};
+  pthread_mutex_lock(&h->pool->mu);
+  op_done(h, &p);
+  h->busy = 0;
+  assert(h->state == LK_LEASE);
+  int64_t id = 0;
+  if (status == 0) {
+    Etcdserverpb__LeaseGrantResponse *r = (Etcdserverpb__LeaseGrantResponse *)resp;
+    if (r->error != NULL && r->error[0] != '\0')
+      status = coord__err(COORD_EIO, "lock %s: lease grant: %s", h->name, r->error);
+    else if (r->id == 0)
+      status = coord__err(COORD_EPROTO, "lock %s: lease grant returned no id", h->name);
+    else
+      id = r->id;
+  }
+  if (status == 0) {
+    int rc = coord_lease_keepalive(c, id, pool_lease_lost, h->pool);
+    if (rc < 0) {
+      pool_revoke(h->pool, id);
+      status = rc;
+    }
+  }
+  if (status < 0) {
+    remember_detail(h);
+    fail(h, h->cancel ? h->cancel_status : status, &p);
+  } else {
+    h->lease = id;
+    h->lease_owned = 1;
+    h->lease_dead = 0;
+    free(h->key);
+    h->key = coord__sprintf("%s%" PRIx64, h->prefix, (uint64_t)id);
+    if (h->key == NULL)
+      fail(h, coord__err(COORD_ENOMEM, "lock %s: out of memory", h->name), &p);
+    else if (h->cancel)
+      fail(h, h->cancel_status, &p);
+    else
+      start_txn(h, &p);
+  }
+  pthread_mutex_unlock(&h->pool->mu);
+  post_run(&p);
+}
+
+static void txn_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg);
+
+/* Under mu: the queueing Txn (or try_acquire's). */
+static void start_txn(coord_lock_t *h, post_t *p) {
+  assert(h->lease_owned && h->key != NULL);
+  h->state = LK_TXN;
+  coord_cmp_t cmp;
+  memset(&cmp, 0, sizeof cmp);
+  coord_op_t put, first, mine;
+  memset(&put, 0, sizeof put);
+  memset(&first, 0, sizeof first);
+  memset(&mine, 0, sizeof mine);
+  put.type = COORD_OP_PUT;
+  put.key = h->key;
+  put.value = "";
+  put.value_len = 0;
+  put.lease = h->lease;
+  first.type = COORD_OP_RANGE;
+  first.key = h->prefix;
+  first.prefix = 1;
+  first.limit = 1;
+  first.sort_order = COORD_SORT_ASCEND;
+  first.sort_target = COORD_SORT_CREATE;
+  mine.type = COORD_OP_RANGE;
+  mine.key = h->key;
+  coord_op_t success[2] = {put, first};
+  coord_op_t failure[2] = {mine, first};
+  coord_txn_t txn;
+  memset(&txn, 0, sizeof txn);
+  txn.cmp = &cmp;
+  txn.ncmp = 1;
+  txn.success = success;
+  txn.nsuccess = 2;
+  if (h->try_mode) {
+    /* version(every key under prefix) == 0: nothing is written if taken. */
+    cmp.key = h->prefix;
+    cmp.target = COORD_CMP_VERSION;
+    cmp.result = COORD_CMP_EQUAL;
+    cmp.number = 0;
+    txn.failure = NULL;
+    txn.nfailure = 0;
+  } else {
+    cmp.key = h->key;
+    cmp.target = COORD_CMP_CREATE;
+    cmp.result = COORD_CMP_EQUAL;
+    cmp.number = 0;
+    txn.failure = failure;
+    txn.nfailure = 2;
+  }
+  op_begin(h);
+  h->busy = 1;
+  int rc = send_txn(h, &txn, 0, h->try_mode ? h->prefix : NULL, txn_done);
+  if (rc < 0) {
+    h->busy = 0;
+    h->ops--;
+    h->refs--;
+    fail(h, rc, p); /* nothing was sent: no key */
+  }
+}
+
+static int is_transient(int status) {
+  return status == COORD_ETIMEDOUT || status == COORD_EUNAVAILABLE || status == COORD_ECLOSED;
+}
+
+static void txn_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg) {
+  coord_lock_t *h = arg;
+  post_t p = {0};
+  coord_txn_result_t *r = NULL;
+  if (status == 0)
+    status = coord__txn_result_from_pb(c, (const Etcdserverpb__TxnResponse *)resp, &r);
+  pthread_mutex_lock(&h->pool->mu);
+  op_done(h, &p);
+  h->busy = 0;
+  assert(h->state == LK_TXN);
+  if (status < 0) {
+    remember_detail(h);
+    if (!h->retried && !is_transient(status) && !h->cancel && !h->pool->closing && status != COORD_EACCES &&
+        status != COORD_EAUTH) {
+      /* Most likely the pooled lease expired unnoticed ("lease not found"):
+       * drop it and try once more with a fresh one. */
+      h->retried = 1;
+      lease_hand_back(h, 1);
+      h->lease = 0;
+      h->lease_dead = 0;
+      start_lease(h, &p);
+    } else {
+      /* A Txn that timed out may have committed: revoke the lease. */
+      fail_ex(h, h->cancel ? h->cancel_status : status, 1, &p);
+    }
+    goto out;
+  }
+  int64_t rev = r->revision;
+  if (h->try_mode && !r->succeeded) {
+    fail(h, coord__err(COORD_ELOCKED, "lock %s is held", h->name), &p);
+    goto out;
+  }
+  if (r->n < 2 || r->responses[0] == NULL || r->responses[1] == NULL) {
+    fail_ex(h, coord__err(COORD_EPROTO, "lock %s: unexpected Txn answer", h->name), 1, &p);
+    goto out;
+  }
+  h->key_written = 1;
+  if (r->succeeded)
+    h->token = rev;
+  else if (r->responses[0]->n > 0)
+    h->token = r->responses[0]->kvs[0].create_revision;
+  else {
+    h->key_gone = 1;
+    fail(h, coord__err(COORD_EPROTO, "lock %s: own key vanished inside a Txn", h->name), &p);
+    goto out;
+  }
+  h->own_rev = rev;
+  int64_t lowest = r->responses[1]->n > 0 ? r->responses[1]->kvs[0].create_revision : 0;
+  if (h->cancel) {
+    fail(h, h->cancel_status, &p);
+  } else if (h->lease_dead || h->key_gone) {
+    fail(h, coord__err(COORD_ELOST, "lock %s: lease lost while queueing", h->name), &p);
+  } else {
+    int rc = own_watch_start(h, rev + 1);
+    if (rc < 0) {
+      remember_detail(h);
+      fail(h, rc, &p);
+    } else if (lowest == h->token) {
+      held(h, &p);
+    } else if (h->try_mode) {
+      fail(h, coord__err(COORD_ELOCKED, "lock %s is held", h->name), &p);
+    } else {
+      start_check(h, &p);
+    }
+  }
+out:
+  pthread_mutex_unlock(&h->pool->mu);
+  coord_txn_result_free(r);
+  post_run(&p);
+}
+
+static void check_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg);
+
+/* Under mu: is there a key below ours? */
+static void start_check(coord_lock_t *h, post_t *p) {
+  assert(h->token > 0 && h->pred_w == NULL);
+  h->state = LK_CHECK;
+  coord_cmp_t cmp;
+  memset(&cmp, 0, sizeof cmp);
+  cmp.key = h->key;
+  cmp.target = COORD_CMP_CREATE;
+  cmp.result = COORD_CMP_EQUAL;
+  cmp.number = h->token;
+  coord_op_t below;
+  memset(&below, 0, sizeof below);
+  below.type = COORD_OP_RANGE;
+  below.key = h->prefix;
+  below.prefix = 1;
+  below.limit = 1;
+  below.sort_order = COORD_SORT_DESCEND;
+  below.sort_target = COORD_SORT_CREATE;
+  coord_txn_t txn;
+  memset(&txn, 0, sizeof txn);
+  txn.cmp = &cmp;
+  txn.ncmp = 1;
+  txn.success = &below;
+  txn.nsuccess = 1;
+  op_begin(h);
+  h->busy = 1;
+  int rc = send_txn(h, &txn, h->token - 1, NULL, check_done);
+  if (rc < 0) {
+    h->busy = 0;
+    h->ops--;
+    h->refs--;
+    fail(h, rc, p);
+  }
+}
+
+static void check_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg) {
+  coord_lock_t *h = arg;
+  post_t p = {0};
+  coord_txn_result_t *r = NULL;
+  if (status == 0)
+    status = coord__txn_result_from_pb(c, (const Etcdserverpb__TxnResponse *)resp, &r);
+  pthread_mutex_lock(&h->pool->mu);
+  op_done(h, &p);
+  h->busy = 0;
+  assert(h->state == LK_CHECK);
+  if (status < 0) {
+    remember_detail(h);
+    fail(h, h->cancel ? h->cancel_status : status, &p);
+  } else if (h->cancel) {
+    fail(h, h->cancel_status, &p);
+  } else if (h->lease_dead || h->key_gone || !r->succeeded) {
+    h->key_gone = h->key_gone || !r->succeeded;
+    fail(h, coord__err(COORD_ELOST, "lock %s: lost the place in the queue (key or lease gone)", h->name), &p);
+  } else if (r->n < 1 || r->responses[0] == NULL) {
+    fail(h, coord__err(COORD_EPROTO, "lock %s: unexpected Txn answer", h->name), &p);
+  } else if (r->responses[0]->n == 0) {
+    held(h, &p);
+  } else {
+    const char *pred = r->responses[0]->kvs[0].key;
+    h->state = LK_WAIT;
+    int rc = coord__watch_add(c, pred, 0, r->revision + 1, pred_watch_cb, h, &h->pred_w);
+    if (rc < 0) {
+      remember_detail(h);
+      fail(h, rc, &p);
+    }
+  }
+  pthread_mutex_unlock(&h->pool->mu);
+  coord_txn_result_free(r);
+  post_run(&p);
+}
+
+/* ---------------------------------------------------------------- lease lost */
+
+static void pool_lease_lost(int64_t id, void *arg) {
+  struct coord_lock_pool *pool = arg;
+  post_t p = {0};
+  pthread_mutex_lock(&pool->mu);
+  for (lease_class_t *k = pool->classes; k; k = k->next) {
+    for (int i = 0; i < k->nfree; i++) {
+      if (k->free_ids[i] == id) {
+        k->free_ids[i] = k->free_ids[--k->nfree];
+        pool_refill(k);
+        break;
+      }
+    }
+  }
+  for (coord_lock_t *h = pool->locks; h; h = h->next) {
+    if (h->lease_owned && h->lease == id) {
+      h->lease_dead = 1;
+      lost_event(h, &p);
+      break;
+    }
+  }
+  pthread_mutex_unlock(&pool->mu);
+  post_run(&p);
+}
+
+/* ---------------------------------------------------------------- public */
+
+static struct coord_lock_pool *get_pool(coord_t *c) {
+  return coord__slot(c, COORD__SLOT_LOCKS, pool_new);
+}
+
+static int lock_start(const char *fn, coord_t *c, const char *name, int64_t ttl_ms, int try_mode, int sync,
+                      coord_lock_cb cb, void *arg, coord_lock_t **out) {
+  if (out != NULL)
+    *out = NULL;
+  if (c == NULL || out == NULL)
+    return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  int rc = check_name(fn, name);
+  if (rc < 0)
+    return rc;
+  int64_t ttl_s = 0;
+  rc = ttl_seconds(fn, ttl_ms, &ttl_s);
+  if (rc < 0)
+    return rc;
+  if (coord__closing(c))
+    return coord__err(COORD_ECLOSED, "%s: client is closing", fn);
+  struct coord_lock_pool *pool = get_pool(c);
+  if (pool == NULL)
+    return coord__err(COORD_ENOMEM, "%s: out of memory", fn);
+  coord_lock_t *h = coord__xmalloc(sizeof *h);
+  if (h == NULL)
+    return coord__err(COORD_ENOMEM, "%s: out of memory", fn);
+  h->c = c;
+  h->pool = pool;
+  h->name = coord__strdup(name);
+  h->prefix = coord__sprintf(LOCKS_ROOT "%s/", name);
+  h->try_mode = try_mode;
+  h->sync = sync;
+  h->cb = cb;
+  h->cb_arg = arg;
+  h->cb_pending = 1;
+  h->refs = 1; /* the user's */
+  h->state = LK_LEASE;
+  if (h->name == NULL || h->prefix == NULL) {
+    lock_free(h);
+    return coord__err(COORD_ENOMEM, "%s: out of memory", fn);
+  }
+  post_t p = {0};
+  pthread_mutex_lock(&pool->mu);
+  if (pool->closing) {
+    pthread_mutex_unlock(&pool->mu);
+    lock_free(h);
+    return coord__err(COORD_ECLOSED, "%s: client is closing", fn);
+  }
+  h->cls = class_get(pool, ttl_s);
+  if (h->cls == NULL) {
+    pthread_mutex_unlock(&pool->mu);
+    lock_free(h);
+    return coord__err(COORD_ENOMEM, "%s: out of memory", fn);
+  }
+  h->next = pool->locks;
+  if (pool->locks)
+    pool->locks->prev = h;
+  pool->locks = h;
+  start_lease(h, &p);
+  /* A failure to even send is reported by the return value. */
+  rc = 0;
+  if (h->state == LK_FAILED && !h->cleaning && h->ops == 0) {
+    rc = h->status;
+    h->cb_pending = 0;
+  }
+  pthread_mutex_unlock(&pool->mu);
+  post_run(&p);
+  if (rc < 0) {
+    coord_lock_unlock(h);
+    return rc;
+  }
+  *out = h;
+  return 0;
+}
+
+int coord_lock_acquire_async(coord_t *c, const char *name, int64_t ttl_ms, coord_lock_cb cb, void *arg,
+                             coord_lock_t **out) {
+  static const char fn[] = "coord_lock_acquire_async";
+  if (cb == NULL) {
+    if (out != NULL)
+      *out = NULL;
+    return coord__err(COORD_EINVAL, "%s: NULL callback", fn);
+  }
+  return lock_start(fn, c, name, ttl_ms, 0, 0, cb, arg, out);
+}
+
+/* The blocking forms: start, wait for the outcome (timeout_ms < 0: for
+ * ever), cancel on timeout and wait for the cleanup. */
+static int lock_wait(const char *fn, coord_t *c, const char *name, int64_t ttl_ms, int try_mode,
+                     int timeout_ms, coord_lock_t **out) {
+  if (out != NULL)
+    *out = NULL;
+  if (c != NULL && coord__on_event_thread(c))
+    return coord__err(COORD_EINVAL, "%s: blocking call on the event thread", fn);
+  if (timeout_ms < -1)
+    return coord__err(COORD_EINVAL, "%s: invalid timeout %d", fn, timeout_ms);
+  if (timeout_ms == 0)
+    timeout_ms = LOCK_DEFAULT_TIMEOUT_MS;
+  coord_lock_t *h = NULL;
+  int rc = lock_start(fn, c, name, ttl_ms, try_mode, 1, NULL, NULL, &h);
+  if (rc < 0)
+    return rc;
+  struct coord_lock_pool *pool = h->pool;
+  struct timespec dl;
+  if (timeout_ms > 0)
+    deadline_after(&dl, timeout_ms);
+  post_t p = {0};
+  pthread_mutex_lock(&pool->mu);
+  while (h->cb_pending) {
+    if (timeout_ms < 0) {
+      pthread_cond_wait(&pool->cond, &pool->mu);
+      continue;
+    }
+    if (pthread_cond_timedwait(&pool->cond, &pool->mu, &dl) == ETIMEDOUT && h->cb_pending) {
+      if (is_pending(h->state) && !h->cancel) {
+        h->cancel = 1;
+        h->cancel_status = COORD_ETIMEDOUT;
+        if (!h->busy)
+          fail(h, COORD_ETIMEDOUT, &p);
+      }
+      while (h->cb_pending)
+        pthread_cond_wait(&pool->cond, &pool->mu);
+    }
+  }
+  rc = h->state == LK_HELD ? 0 : h->status;
+  char *detail = coord__strdup(h->detail);
+  pthread_mutex_unlock(&pool->mu);
+  post_run(&p);
+  if (rc == 0) {
+    *out = h;
+    free(detail);
+    return 0;
+  }
+  coord_lock_unlock(h);
+  if (rc == COORD_ETIMEDOUT)
+    coord__err(rc, "%s(%s): timed out after %d ms", fn, name, timeout_ms);
+  else if (rc == COORD_ELOCKED)
+    coord__err(rc, "%s(%s): lock is held", fn, name);
+  else
+    coord__err(rc, "%s(%s): %s", fn, name, detail ? detail : coord_strerror(rc));
+  free(detail);
+  return rc;
+}
+
+int coord_lock_acquire(coord_t *c, const char *name, int64_t ttl_ms, int timeout_ms, coord_lock_t **out) {
+  return lock_wait("coord_lock_acquire", c, name, ttl_ms, 0, timeout_ms, out);
+}
+
+int coord_lock_try_acquire(coord_t *c, const char *name, int64_t ttl_ms, coord_lock_t **out) {
+  return lock_wait("coord_lock_try_acquire", c, name, ttl_ms, 1, -1, out);
+}
+
+void coord_lock_cancel(coord_lock_t *h) {
+  if (h == NULL)
+    return;
+  post_t p = {0};
+  pthread_mutex_lock(&h->pool->mu);
+  if (is_pending(h->state) && !h->cancel) {
+    h->cancel = 1;
+    h->cancel_status = coord__err(COORD_ECANCELED, "lock %s: acquire cancelled", h->name);
+    if (!h->busy)
+      fail(h, COORD_ECANCELED, &p);
+  }
+  pthread_mutex_unlock(&h->pool->mu);
+  post_run(&p);
+}
+
+int coord_lock_unlock(coord_lock_t *h) {
+  if (h == NULL)
+    return coord__err(COORD_EINVAL, "coord_lock_unlock: NULL lock");
+  struct coord_lock_pool *pool = h->pool;
+  post_t p = {0};
+  int rc = 0;
+  pthread_mutex_lock(&pool->mu);
+  assert(!h->user_gone);
+  h->user_gone = 1;
+  h->cb_pending = 0; /* no acquire callback after this returns */
+  switch (h->state) {
+  case LK_LEASE:
+  case LK_TXN:
+  case LK_CHECK:
+  case LK_WAIT:
+    if (!h->cancel) {
+      h->cancel = 1;
+      h->cancel_status = COORD_ECANCELED;
+    }
+    if (!h->busy)
+      fail(h, COORD_ECANCELED, &p);
+    break;
+  case LK_HELD:
+    detach_watchers(h, &p);
+    h->state = LK_RELEASED;
+    dispose(h, 1, 0);
+    break;
+  case LK_LOST:
+    rc = COORD_ELOST;
+    dispose(h, 0, 0);
+    break;
+  case LK_FAILED:
+  case LK_RELEASED:
+    break;
+  }
+  pthread_mutex_unlock(&pool->mu);
+  post_run(&p);
+  if (!coord__on_event_thread(h->c)) {
+    pthread_mutex_lock(&pool->mu);
+    while (h->ops > 0 || h->calling > 0)
+      pthread_cond_wait(&pool->cond, &pool->mu);
+    if (rc == 0)
+      rc = h->release_rc;
+    pthread_mutex_unlock(&pool->mu);
+  }
+  unref(h);
+  if (rc == COORD_ELOST)
+    return coord__err(COORD_ELOST, "coord_lock_unlock: the lock had been lost");
+  return rc;
+}
+
+int coord_lock_ttl(coord_lock_t *h, int64_t *remaining_ms) {
+  static const char fn[] = "coord_lock_ttl";
+  if (h == NULL || remaining_ms == NULL)
+    return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  *remaining_ms = 0;
+  if (coord__on_event_thread(h->c))
+    return coord__err(COORD_EINVAL, "%s: blocking call on the event thread", fn);
+  pthread_mutex_lock(&h->pool->mu);
+  lk_state_t st = h->state;
+  int status = h->status;
+  int64_t lease = h->lease_owned ? h->lease : 0;
+  int64_t ttl_s = h->cls->ttl_s;
+  pthread_mutex_unlock(&h->pool->mu);
+  if (st == LK_LOST)
+    return coord__err(COORD_ELOST, "%s: lock lost", fn);
+  if (st == LK_FAILED)
+    return coord__err(status, "%s: acquire failed: %s", fn, coord_strerror(status));
+  if (st == LK_RELEASED)
+    return coord__err(COORD_EINVAL, "%s: lock released", fn);
+  if (lease == 0) { /* still waiting for its lease: the TTL it will get */
+    *remaining_ms = ttl_s * 1000;
+    return 0;
+  }
+  int64_t granted = 0;
+  int rc = coord_lease_ttl(h->c, lease, remaining_ms, &granted);
+  if (rc == COORD_ENOTFOUND)
+    return coord__err(COORD_ELOST, "%s: lease %" PRIx64 " expired", fn, (uint64_t)lease);
+  return rc;
+}
+
+const char *coord_lock_key(coord_lock_t *h) {
+  if (h == NULL)
+    return NULL;
+  pthread_mutex_lock(&h->pool->mu);
+  const char *k = h->key;
+  pthread_mutex_unlock(&h->pool->mu);
+  return k;
+}
+
+int64_t coord_lock_token(coord_lock_t *h) {
+  if (h == NULL)
+    return 0;
+  pthread_mutex_lock(&h->pool->mu);
+  int64_t t = h->token;
+  pthread_mutex_unlock(&h->pool->mu);
+  return t;
+}
+
+int coord_lock_state(coord_lock_t *h) {
+  if (h == NULL)
+    return coord__err(COORD_EINVAL, "coord_lock_state: NULL lock");
+  pthread_mutex_lock(&h->pool->mu);
+  int s;
+  switch (h->state) {
+  case LK_HELD:
+    s = 0;
+    break;
+  case LK_LOST:
+    s = COORD_ELOST;
+    break;
+  case LK_FAILED:
+    s = h->status;
+    break;
+  case LK_RELEASED:
+    s = COORD_ECLOSED;
+    break;
+  default:
+    s = 1;
+    break;
+  }
+  pthread_mutex_unlock(&h->pool->mu);
+  return s;
+}
+
+static void lost_timer_fn(coord_t *c, void *arg) {
+  coord_lock_t *h = arg;
+  post_t p = {0};
+  pthread_mutex_lock(&h->pool->mu);
+  op_done(h, &p);
+  notify_lost(h, &p);
+  pthread_mutex_unlock(&h->pool->mu);
+  post_run(&p);
+}
+
+void coord_lock_on_lost(coord_lock_t *h, coord_lock_lost_cb cb, void *arg) {
+  if (h == NULL)
+    return;
+  pthread_mutex_lock(&h->pool->mu);
+  h->lost_cb = cb;
+  h->lost_arg = arg;
+  if (h->lost_pending && cb != NULL) {
+    /* Lost before anyone listened: tell from the event thread. */
+    op_begin(h);
+    coord__after(h->c, 0, lost_timer_fn, h);
+  }
+  pthread_mutex_unlock(&h->pool->mu);
+}
+
+/* Snapshot of a held lock for a guarded Txn. */
+static int held_snapshot(const char *fn, coord_lock_t *h, char **key, int64_t *token, int64_t *lease) {
+  pthread_mutex_lock(&h->pool->mu);
+  int st = h->state;
+  *key = st == LK_HELD ? coord__strdup(h->key) : NULL;
+  *token = h->token;
+  *lease = h->lease;
+  pthread_mutex_unlock(&h->pool->mu);
+  if (st != LK_HELD)
+    return coord__err(COORD_ELOST, "%s: lock is not held", fn);
+  if (*key == NULL)
+    return coord__err(COORD_ENOMEM, "%s: out of memory", fn);
+  return 0;
+}
+
+int coord_lock_set_note(coord_lock_t *h, const void *note, size_t len) {
+  static const char fn[] = "coord_lock_set_note";
+  if (h == NULL || (note == NULL && len > 0))
+    return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  if (coord__on_event_thread(h->c))
+    return coord__err(COORD_EINVAL, "%s: blocking call on the event thread", fn);
+  char *key = NULL;
+  int64_t token = 0, lease = 0;
+  int rc = held_snapshot(fn, h, &key, &token, &lease);
+  if (rc < 0)
+    return rc;
+  coord_cmp_t cmp = {.key = key, .target = COORD_CMP_CREATE, .result = COORD_CMP_EQUAL, .number = token};
+  coord_op_t put;
+  memset(&put, 0, sizeof put);
+  put.type = COORD_OP_PUT;
+  put.key = key;
+  put.value = note ? note : "";
+  put.value_len = len;
+  put.lease = lease;
+  coord_txn_t txn;
+  memset(&txn, 0, sizeof txn);
+  txn.cmp = &cmp;
+  txn.ncmp = 1;
+  txn.success = &put;
+  txn.nsuccess = 1;
+  coord_txn_result_t *r = NULL;
+  rc = coord_kv_txn(h->c, &txn, &r);
+  if (rc == 0 && !r->succeeded)
+    rc = coord__err(COORD_ELOST, "%s: %s no longer holds the lock", fn, key);
+  coord_txn_result_free(r);
+  free(key);
+  return rc;
+}
+
+/* ---------------------------------------------------------------- guarded write */
+
+/* Same rule as config.c's keys: non-empty '/'-separated path, no empty,
+ * "." or ".." part, no leading or trailing '/'. */
+static int check_config_key(const char *fn, const char *key) {
+  if (key == NULL)
+    return coord__err(COORD_EINVAL, "%s: key is NULL", fn);
+  if (key[0] == '\0')
+    return coord__err(COORD_EINVAL, "%s: key is empty", fn);
+  const char *p = key;
+  for (;;) {
+    const char *slash = strchr(p, '/');
+    size_t n = slash ? (size_t)(slash - p) : strlen(p);
+    if (n == 0 || (n == 1 && p[0] == '.') || (n == 2 && p[0] == '.' && p[1] == '.'))
+      return coord__err(COORD_EINVAL, "%s: invalid key \"%s\"", fn, key);
+    if (slash == NULL)
+      break;
+    p = slash + 1;
+  }
+  return 0;
+}
+
+int coord_config_set_guarded(coord_t *c, coord_lock_t *lock, const char *key, const json_t *value) {
+  static const char fn[] = "coord_config_set_guarded";
+  if (c == NULL || lock == NULL || value == NULL)
+    return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  if (lock->c != c)
+    return coord__err(COORD_EINVAL, "%s: lock belongs to another client", fn);
+  int rc = check_config_key(fn, key);
+  if (rc < 0)
+    return rc;
+  if (coord__on_event_thread(c))
+    return coord__err(COORD_EINVAL, "%s: blocking call on the event thread", fn);
+  char *bytes = NULL;
+  size_t len = 0;
+  rc = coord_config_encode(value, &bytes, &len);
+  if (rc < 0)
+    return rc;
+  char *hkey = NULL;
+  int64_t token = 0, lease = 0;
+  rc = held_snapshot(fn, lock, &hkey, &token, &lease);
+  if (rc < 0) {
+    free(bytes);
+    return rc;
+  }
+  char *ckey = coord__sprintf("/config/%s", key);
+  if (ckey == NULL) {
+    free(bytes);
+    free(hkey);
+    return coord__err(COORD_ENOMEM, "%s: out of memory", fn);
+  }
+  coord_cmp_t cmp = {.key = hkey, .target = COORD_CMP_CREATE, .result = COORD_CMP_EQUAL, .number = token};
+  coord_op_t put;
+  memset(&put, 0, sizeof put);
+  put.type = COORD_OP_PUT;
+  put.key = ckey;
+  put.value = bytes;
+  put.value_len = len;
+  coord_txn_t txn;
+  memset(&txn, 0, sizeof txn);
+  txn.cmp = &cmp;
+  txn.ncmp = 1;
+  txn.success = &put;
+  txn.nsuccess = 1;
+  coord_txn_result_t *r = NULL;
+  rc = coord_kv_txn(c, &txn, &r);
+  if (rc == 0 && !r->succeeded)
+    rc = coord__err(COORD_ELOST, "%s: lock %s lost (token %" PRId64 "); nothing written", fn, hkey, token);
+  coord_txn_result_free(r);
+  free(ckey);
+  free(hkey);
+  free(bytes);
+  return rc;
+}
+
+/* ---------------------------------------------------------------- close */
+
+static void barrier_fn(coord_t *c, void *arg) {
+  struct coord_lock_pool *pool = arg;
+  pthread_mutex_lock(&pool->mu);
+  pool->barrier_done = 1;
+  pthread_cond_broadcast(&pool->cond);
+  pthread_mutex_unlock(&pool->mu);
+}
+
+static int all_quiet(struct coord_lock_pool *pool) {
+  if (pool->ops > 0)
+    return 0;
+  for (coord_lock_t *h = pool->locks; h; h = h->next)
+    if (h->ops > 0 || h->calling > 0)
+      return 0;
+  return 1;
+}
+
+/* Waits (mu held) until pred or the deadline; returns pred's last value. */
+static int wait_until(struct coord_lock_pool *pool, int (*pred)(struct coord_lock_pool *),
+                      struct timespec *dl) {
+  while (!pred(pool))
+    if (pthread_cond_timedwait(&pool->cond, &pool->mu, dl) == ETIMEDOUT)
+      return pred(pool);
+  return 1;
+}
+
+static int barrier_passed(struct coord_lock_pool *pool) {
+  return pool->barrier_done;
+}
+
+void coord__locks_close(coord_t *c) {
+  struct coord_lock_pool *pool = coord__slot_get(c, COORD__SLOT_LOCKS);
+  if (pool == NULL)
+    return;
+  /* 1. Cancel pending acquires, release held locks. */
+  size_t cap = 8, nrm = 0;
+  coord__watcher_t **rm = malloc(cap * sizeof *rm);
+  pthread_mutex_lock(&pool->mu);
+  pool->closing = 1;
+  for (coord_lock_t *h = pool->locks; h; h = h->next) {
+    post_t p = {0};
+    if (is_pending(h->state)) {
+      if (!h->cancel) {
+        h->cancel = 1;
+        h->cancel_status = COORD_ECLOSED;
+      }
+      if (!h->busy)
+        fail(h, COORD_ECLOSED, &p);
+    } else if (h->state == LK_HELD) {
+      detach_watchers(h, &p);
+      h->state = LK_RELEASED;
+      dispose(h, 1, 0);
+    } else if (h->state == LK_LOST) {
+      dispose(h, 0, 0);
+    }
+    /* Watchers are removed below, outside the mutex; the references taken
+     * by the post are dropped when the handles are freed. */
+    for (int i = 0; i < 2; i++) {
+      if (p.rm[i] == NULL)
+        continue;
+      if (nrm == cap) {
+        coord__watcher_t **n2 = rm ? realloc(rm, 2 * cap * sizeof *rm) : NULL;
+        if (n2 != NULL) {
+          rm = n2;
+          cap *= 2;
+        }
+      }
+      if (rm != NULL && nrm < cap)
+        rm[nrm++] = p.rm[i];
+      else
+        coord__watch_remove(p.rm[i]); /* out of memory: do it here (no callback of ours takes long) */
+    }
+    if (p.h != NULL)
+      h->refs--;                         /* the handle stays on the list; freed below */
+    assert(!p.call_acq && !p.call_lost); /* not on the event thread */
+  }
+  pthread_mutex_unlock(&pool->mu);
+  for (size_t i = 0; i < nrm; i++)
+    coord__watch_remove(rm[i]);
+  free(rm);
+
+  /* 2. Wait for every call and callback in flight. */
+  struct timespec dl;
+  deadline_after(&dl, CLOSE_WAIT_MS);
+  pthread_mutex_lock(&pool->mu);
+  int quiet = wait_until(pool, all_quiet, &dl);
+  /* 3. Revoke the pool's free leases. */
+  size_t nids = 0;
+  for (lease_class_t *k = pool->classes; k; k = k->next)
+    nids += (size_t)k->nfree;
+  int64_t *ids = nids ? malloc(nids * sizeof *ids) : NULL;
+  size_t j = 0;
+  for (lease_class_t *k = pool->classes; k; k = k->next) {
+    for (int i = 0; i < k->nfree; i++)
+      if (ids != NULL)
+        ids[j++] = k->free_ids[i];
+    k->nfree = 0;
+  }
+  pthread_mutex_unlock(&pool->mu);
+  for (size_t i = 0; i < j; i++)
+    coord_lease_revoke(c, ids[i]);
+  free(ids);
+
+  /* 4. Barrier: a lease-lost callback that was already running is over. */
+  pthread_mutex_lock(&pool->mu);
+  pool->barrier_done = 0;
+  pthread_mutex_unlock(&pool->mu);
+  coord__after(c, 0, barrier_fn, pool);
+  struct timespec dl2;
+  deadline_after(&dl2, 5000);
+  pthread_mutex_lock(&pool->mu);
+  int passed = wait_until(pool, barrier_passed, &dl2);
+  quiet = quiet && all_quiet(pool);
+  pthread_mutex_unlock(&pool->mu);
+  if (!quiet || !passed)
+    return; /* something never called back: leak rather than risk a use after free */
+
+  /* 5. Free everything, including handles the user did not unlock. */
+  while (pool->locks != NULL) {
+    coord_lock_t *h = pool->locks;
+    list_remove(pool, h);
+    h->own_w = h->pred_w = NULL; /* removed in step 1 */
+    lock_free(h);
+  }
+  while (pool->classes != NULL) {
+    lease_class_t *k = pool->classes;
+    pool->classes = k->next;
+    free(k);
+  }
+  pthread_mutex_destroy(&pool->mu);
+  pthread_cond_destroy(&pool->cond);
+  free(pool);
+}
