@@ -48,6 +48,9 @@ FS_SRC := $(wildcard coordfs/*.c)
 FS_O := $(patsubst %.c,$(B)/%.o,$(FS_SRC))
 FS := $(B)/coordfs
 
+TOOL_SRC := $(wildcard libcoord/tools/*.c)
+TOOL_BIN := $(patsubst libcoord/tools/%.c,$(B)/%,$(TOOL_SRC))
+
 EX_SRC := $(wildcard libcoord/examples/*.c)
 EX_BIN := $(patsubst libcoord/examples/%.c,$(B)/examples/%,$(EX_SRC))
 
@@ -57,7 +60,7 @@ UNIT_SRC := $(wildcard tests/unit/test_*.c)
 UNIT_BIN := $(patsubst tests/unit/%.c,$(B)/unit/%,$(UNIT_SRC))
 
 .PHONY: all deps test test-unit test-e2e run bench soak format clean install uninstall
-all: $(LIB) $(LIBA) $(FS) $(EX_BIN) $(TPROG_BIN) $(UNIT_BIN)
+all: $(LIB) $(LIBA) $(FS) $(TOOL_BIN) $(EX_BIN) $(TPROG_BIN) $(UNIT_BIN)
 
 deps:
 	@scripts/install-deps
@@ -81,6 +84,9 @@ $(LIBA): $(LIB_O) $(PROTO_O)
 
 $(FS): $(FS_O) $(LIBA)
 	$(CC) -o $@ $(FS_O) $(LIBA) $(LDFLAGS) $(PKG_LIBS_FUSE) $(PKG_LIBS_CORE)
+
+$(TOOL_BIN): $(B)/%: libcoord/tools/%.c $(LIBA)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(LIBA) $(LDFLAGS) $(PKG_LIBS_CORE)
 
 $(B)/examples/%: libcoord/examples/%.c $(LIBA)
 	@mkdir -p $(dir $@)
