@@ -65,6 +65,9 @@ all: $(LIB) $(LIBA) $(FS) $(TOOL_BIN) $(EX_BIN) $(TPROG_BIN) $(UNIT_BIN)
 deps:
 	@scripts/install-deps
 
+# Generated sources are never intermediate (make would delete the headers).
+.SECONDARY: $(PROTO_C) $(PROTO_H)
+
 $(B)/gen/%.pb-c.c $(B)/gen/%.pb-c.h: proto/%.proto
 	@mkdir -p $(dir $@)
 	protoc-c --c_out=$(B)/gen -Iproto $<
