@@ -367,40 +367,40 @@ static void watch(void) {
   coord_t *c = client();
   coord_t *other = client();
   json_t *v = parse("{\"v\":0}");
-  CHECK_RC(coord_config_set(other, "app/one", v), 0);
-  CHECK_RC(coord_config_set(other, "application/x", v), 0);
+  CHECK_RC(coord_config_set(other, "w/app/one", v), 0);
+  CHECK_RC(coord_config_set(other, "w/application/x", v), 0);
   json_decref(v);
 
   coord_watch_t *pw = NULL, *kw = NULL, *allw = NULL;
-  CHECK_RC(coord_config_watch_prefix(c, "app", 1, &pw), 0);
-  CHECK_RC(coord_config_watch(c, "app/one", 0, &kw), 0);
+  CHECK_RC(coord_config_watch_prefix(c, "w/app", 1, &pw), 0);
+  CHECK_RC(coord_config_watch(c, "w/app/one", 0, &kw), 0);
   CHECK_RC(coord_config_watch_prefix(c, NULL, 0, &allw), 0);
   if (!pw || !kw || !allw)
     goto out;
   CHECK(coord_watch_fd(pw) >= 0);
-  /* current state first, without "application/x" */
+  /* current state first, without "w/application/x" */
   coord_event_t *ev = next_event(pw);
-  CHECK(is_event(ev, COORD_EVENT_PUT, "app/one", "{\"v\":0}"));
+  CHECK(is_event(ev, COORD_EVENT_PUT, "w/app/one", "{\"v\":0}"));
   coord_event_free(ev);
 
   v = parse("\"x\"");
-  CHECK_RC(coord_config_set(other, "application/y", v), 0);
-  CHECK_RC(coord_config_set(other, "apple", v), 0);
-  CHECK_RC(coord_config_set(other, "app", v), 0);
+  CHECK_RC(coord_config_set(other, "w/application/y", v), 0);
+  CHECK_RC(coord_config_set(other, "w/apple", v), 0);
+  CHECK_RC(coord_config_set(other, "w/app", v), 0);
   json_decref(v);
   v = parse("[1,2]");
-  CHECK_RC(coord_config_set(other, "app/one", v), 0);
+  CHECK_RC(coord_config_set(other, "w/app/one", v), 0);
   json_decref(v);
-  CHECK_RC(coord_config_delete(other, "app/one"), 0);
+  CHECK_RC(coord_config_delete(other, "w/app/one"), 0);
 
   ev = next_event(pw);
-  CHECK(is_event(ev, COORD_EVENT_PUT, "app", "\"x\""));
+  CHECK(is_event(ev, COORD_EVENT_PUT, "w/app", "\"x\""));
   coord_event_free(ev);
   ev = next_event(pw);
-  CHECK(is_event(ev, COORD_EVENT_PUT, "app/one", "[1,2]"));
+  CHECK(is_event(ev, COORD_EVENT_PUT, "w/app/one", "[1,2]"));
   coord_event_free(ev);
   ev = next_event(pw);
-  CHECK(is_event(ev, COORD_EVENT_DELETE, "app/one", NULL));
+  CHECK(is_event(ev, COORD_EVENT_DELETE, "w/app/one", NULL));
   coord_event_free(ev);
   ev = NULL;
   CHECK_RC(coord_watch_next(pw, 200, &ev), COORD_ETIMEDOUT);
@@ -408,20 +408,22 @@ static void watch(void) {
 
   /* the key watch sees only its key */
   ev = next_event(kw);
-  CHECK(is_event(ev, COORD_EVENT_PUT, "app/one", "[1,2]"));
+  CHECK(is_event(ev, COORD_EVENT_PUT, "w/app/one", "[1,2]"));
   coord_event_free(ev);
   ev = next_event(kw);
-  CHECK(is_event(ev, COORD_EVENT_DELETE, "app/one", NULL));
+  CHECK(is_event(ev, COORD_EVENT_DELETE, "w/app/one", NULL));
   coord_event_free(ev);
   ev = NULL;
   CHECK_RC(coord_watch_next(kw, 100, &ev), COORD_ETIMEDOUT);
   coord_event_free(ev);
 
   /* the watch of everything sees all five changes, in order */
-  const char *names[] = {"application/y", "apple", "app", "app/one", "app/one"};
+  const char *names[] = {"w/application/y", "w/apple", "w/app", "w/app/one", "w/app/one"};
   for (int i = 0; i < 5; i++) {
     ev = next_event(allw);
     CHECK(ev && ev->name && strcmp(ev->name, names[i]) == 0);
+    if (ev && (!ev->name || strcmp(ev->name, names[i]) != 0))
+      printf("  got %s (key %s)\n", ev->name ? ev->name : "(null)", ev->kv.key);
     coord_event_free(ev);
   }
 out:
