@@ -45,7 +45,8 @@ LIB := $(B)/libcoord.so
 LIBA := $(B)/libcoord.a
 
 FS_SRC := $(wildcard coordfs/*.c)
-FS_O := $(patsubst %.c,$(B)/%.o,$(FS_SRC))
+# Objects apart from the binary: $(B)/coordfs is the program, not a directory.
+FS_O := $(patsubst coordfs/%.c,$(B)/obj/coordfs/%.o,$(FS_SRC))
 FS := $(B)/coordfs
 
 TOOL_SRC := $(wildcard libcoord/tools/*.c)
@@ -85,7 +86,12 @@ $(LIB): $(LIB_O) $(PROTO_O)
 $(LIBA): $(LIB_O) $(PROTO_O)
 	rm -f $@; ar rcs $@ $^
 
+$(B)/obj/coordfs/%.o: coordfs/%.c $(wildcard coordfs/*.h) $(PROTO_H) libcoord/include/coord.h libcoord/src/internal.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -c $< -o $@
+
 $(FS): $(FS_O) $(LIBA)
+	@if [ -d $@ ]; then rm -rf $@; fi
 	$(CC) -o $@ $(FS_O) $(LIBA) $(LDFLAGS) $(PKG_LIBS_FUSE) $(PKG_LIBS_CORE)
 
 $(TOOL_BIN): $(B)/%: libcoord/tools/%.c $(LIBA)
