@@ -121,7 +121,7 @@ def coordfs_mount(request, tmp_path):
     by PID if it hangs); with check=True a sanitizer report in coordfs's log
     fails the test.  Skips the test if coordfs was not built."""
     binary = harness.build_path("coordfs")
-    if not os.access(binary, os.X_OK):
+    if not harness.have_build("coordfs"):
         pytest.skip("coordfs not built: %s" % binary)
     mounts = []
     counter = [0]

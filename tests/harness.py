@@ -741,15 +741,19 @@ def build_path(name):
     return p
 
 
+def _is_prog(p):
+    return os.path.isfile(p) and os.access(p, os.X_OK)
+
+
 def have_build(name):
-    return os.access(build_path(name), os.X_OK)
+    return _is_prog(build_path(name))
 
 
 def require_build(name):
     """build_path(name), or skip the calling test if it was not built."""
     import pytest
     p = build_path(name)
-    if not os.access(p, os.X_OK):
+    if not _is_prog(p):
         pytest.skip("%s not built (run make)" % p)
     return p
 
@@ -779,7 +783,7 @@ def sanitizer_report(text):
 
 def _prog_argv(prog, args):
     path = prog if os.path.isabs(prog) else build_path(prog)
-    if not os.access(path, os.X_OK):
+    if not _is_prog(path):
         raise ProgError([path], None, "", "", "not built (run make, or set COORD_BUILD)")
     return [path] + [str(a) for a in args]
 

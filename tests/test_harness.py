@@ -269,3 +269,121 @@ def test_coordfs_mount(etcd, coordfs_mount):
     rc = m2.unmount()
     assert not harness.mounted(m2.path)
     assert rc == 0, m2.log()
+
+
+# ------------------------------------------------------------------ scripts/run
+
+RUN = os.path.join(harness.REPO, "scripts", "run")
+
+
+def _port_pair():
+    """A free port p whose p+1 is free too (scripts/run uses p+1 for peers)."""
+    import socket
+    for _ in range(50):
+        p = harness.free_port()
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p + 1))
+            return p
+        except OSError:
+            continue
+        finally:
+            s.close()
+    pytest.skip("no free pair of ports")
+
+
+class _Run:
+    """scripts/run in the background, its output collected by a thread."""
+
+    def __init__(self, tmp_path, port, build, once=False):
+        import threading
+        self.run_dir = tmp_path / "run"
+        self.mnt = tmp_path / "mnt"
+        env = dict(os.environ, RUN_PORT=str(port), RUN_DIR=str(self.run_dir), RUN_MNT=str(self.mnt),
+                   COORD_BUILD=str(build))
+        if once:
+            env["RUN_ONCE"] = "1"
+        self.p = subprocess.Popen([RUN], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.lines = []
+        self.t = threading.Thread(target=lambda: self.lines.extend(iter(self.p.stdout.readline, "")),
+                                  daemon=True)
+        self.t.start()
+
+    @property
+    def out(self):
+        return "".join(self.lines)
+
+    def wait_for(self, text, timeout=60):
+        harness.wait_for(lambda: text in self.out or self.p.poll() is not None, timeout, 0.05,
+                         "%r from scripts/run" % text)
+        assert text in self.out, self.out
+
+    def interrupt(self, timeout=60):
+        harness.signal_pid(self.p, signal.SIGINT)  # what Ctrl-C does: only the script gets it (children use setsid)
+        return self.finish(timeout)
+
+    def finish(self, timeout=60):
+        try:
+            rc = self.p.wait(timeout)
+        finally:
+            harness.end_process(self.p, signal.SIGKILL)
+            self.t.join(10)
+        return rc
+
+
+def _etcd_pid_alive(pid):
+    return os.path.exists("/proc/%d" % pid) and not _zombie_or_gone(pid)
+
+
+def test_run_script_starts_etcd_runs_example_and_stops_on_sigint(tmp_path):
+    build = tmp_path / "build"
+    (build / "examples").mkdir(parents=True)
+    _script(build / "examples" / "config", 'echo "example sees $COORD_ENDPOINTS"\n')
+    port = _port_pair()
+    r = _Run(tmp_path, port, build)
+    try:
+        r.wait_for("Press Ctrl-C")
+        out = r.out
+        assert "starting etcd on 127.0.0.1:%d" % port in out
+        assert "example sees localhost:%d" % port in out
+        pid = int((r.run_dir / "etcd.pid").read_text())
+        assert _etcd_pid_alive(pid)
+        ok = subprocess.run([harness.ETCDCTL, "--endpoints", "127.0.0.1:%d" % port, "endpoint", "health"],
+                            env=dict(os.environ, ETCDCTL_API="3"), capture_output=True, timeout=30)
+        assert ok.returncode == 0
+    finally:
+        rc = r.interrupt()
+    assert rc == 0, r.out
+    assert "stopping etcd" in r.out and "run: done" in r.out
+    assert not _etcd_pid_alive(pid)
+    assert not (r.run_dir / "etcd.pid").exists()
+    assert (r.run_dir / "etcd.log").stat().st_size > 0
+
+
+def test_run_script_uses_running_etcd_and_leaves_it(tmp_path, etcd):
+    port = etcd.members[0].client_port
+    r = _Run(tmp_path, port, tmp_path / "nobuild", once=True)  # no coordfs, no examples
+    rc = r.finish()
+    assert rc == 0, r.out
+    assert "using the etcd that already answers at localhost:%d" % port in r.out
+    assert "$ etcdctl put /config/app" in r.out and "holding /locks/deploy" in r.out
+    assert "stopping etcd" not in r.out
+    assert etcd.members[0].health() and etcd.get("/config/app") == '{"port": 8080}'
+
+
+def test_run_script_mounts_coordfs(tmp_path):
+    build = harness.build_dir()
+    if not harness.have_build("coordfs"):
+        pytest.skip("coordfs not built")
+    port = _port_pair()
+    r = _Run(tmp_path, port, build)
+    try:
+        r.wait_for("Press Ctrl-C", timeout=90)
+        assert harness.mounted(str(r.mnt)), r.out
+        assert isinstance(os.listdir(r.mnt), list)
+    finally:
+        rc = r.interrupt(timeout=90)
+    assert rc == 0, r.out
+    assert "unmounting" in r.out
+    assert not harness.mounted(str(r.mnt))
