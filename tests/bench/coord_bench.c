@@ -304,10 +304,17 @@ static void run_watch(void) {
   int rc = coord_watch_create(cli, key, &wo, &w);
   if (rc)
     fail("coord_watch_create", rc);
-  put(key, "warmup", 6);
-  if ((rc = coord_watch_next(w, 10000, &ev)))
-    fail("first watch event", rc);
+  /* the watch may be registered after create returns: put until it sees one */
+  for (int tries = 0;; tries++) {
+    put(key, "warmup", 6);
+    if (!(rc = coord_watch_next(w, 200, &ev)))
+      break;
+    if (rc != COORD_ETIMEDOUT || tries == 50)
+      fail("first watch event", rc);
+  }
   coord_event_free(ev);
+  while (!coord_watch_next(w, 50, &ev)) /* extra warm-up events */
+    coord_event_free(ev);
   int64_t start = now_ns();
   for (long i = 0; i < n_iter; i++) {
     int len = snprintf(v, sizeof v, "%ld", i);
