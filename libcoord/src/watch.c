@@ -327,6 +327,11 @@ static pthread_mutex_t walk_mu = PTHREAD_MUTEX_INITIALIZER;
 /* The events that turn `known` into the state r; updates `known`. */
 static void compute_diff(coord__watcher_t *w, coord_kv_result_t *r, int all, diff_t *d) {
   size_t ns = coord__ns_len(w->ws->c);
+  /* first the vanished keys, while r still holds every kv */
+  pthread_mutex_lock(&walk_mu);
+  walk_w = w, walk_r = r, walk_d = d, walk_rev = r->revision;
+  twalk(w->known, vanished);
+  pthread_mutex_unlock(&walk_mu);
   for (size_t i = 0; i < r->n; i++) {
     coord_kv_t *kv = &r->kvs[i];
     char *full = coord__sprintf("%.*s%s", (int)ns, w->key, kv->key);
@@ -345,10 +350,6 @@ static void compute_diff(coord__watcher_t *w, coord_kv_result_t *r, int all, dif
     }
     free(full);
   }
-  pthread_mutex_lock(&walk_mu);
-  walk_w = w, walk_r = r, walk_d = d, walk_rev = r->revision;
-  twalk(w->known, vanished);
-  pthread_mutex_unlock(&walk_mu);
   qsort(d->evs, d->n, sizeof *d->evs, by_revision);
   /* apply to known */
   for (size_t i = 0; i < d->n; i++) {
