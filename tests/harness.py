@@ -591,18 +591,25 @@ class EtcdCluster:
         return r.stdout
 
     def etcdctl_json(self, *args, **kw):
-        return json.loads(self.etcdctl(*(list(args) + ["-w", "json"]), **kw))
+        return json.loads(self.etcdctl("-w", "json", *args, **kw))
 
     def put(self, key, value, *opts, **kw):
-        self.etcdctl("put", key, value, *opts, **kw)
+        """etcdctl put; opts such as "--lease=1234abcd".  Values of any length
+        (large ones go through stdin) and values starting with '-' work."""
+        value = str(value)
+        if len(value) > 65536:
+            self.etcdctl("put", *opts, "--", key, input=value, **kw)
+        else:
+            self.etcdctl("put", *opts, "--", key, value, **kw)
 
-    def get(self, key, **kw):
-        """Value of key (str) or None."""
-        r = self.etcdctl_json("get", key, **kw)
+    def get(self, key, raw=False, **kw):
+        """Value of key (str, or bytes if raw) or None."""
+        r = self.etcdctl_json("get", "--", key, **kw)
         kvs = r.get("kvs") or []
         if not kvs:
             return None
-        return base64.b64decode(kvs[0].get("value", "")).decode("utf-8", "replace")
+        v = base64.b64decode(kvs[0].get("value", ""))
+        return v if raw else v.decode("utf-8", "replace")
 
     def get_prefix(self, prefix, **kw):
         """{key: value} (str) of every key under prefix."""
