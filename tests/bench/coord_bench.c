@@ -88,6 +88,8 @@ static double pct(const int64_t *s, size_t n, double p) {
   return s[(size_t)(p * (double)(n - 1) + 0.5)] / 1000.0;
 }
 
+/* Summary, wall time and every sample (µs, 0.1 µs resolution: the driver
+ * merges rounds). */
 static void emit(int64_t *lat, size_t n, int64_t wall_ns) {
   double sum = 0;
   qsort(lat, n, sizeof *lat, cmp_i64);
@@ -95,8 +97,13 @@ static void emit(int64_t *lat, size_t n, int64_t wall_ns) {
     sum += lat[i] / 1000.0;
   printf("{\"impl\":\"coord\",\"workload\":");
   json_str(workload);
-  printf(",\"n\":%zu,\"p50_us\":%.3f,\"p99_us\":%.3f,\"mean_us\":%.3f,\"ops_s\":%.3f}\n", n, pct(lat, n, 0.5),
-         pct(lat, n, 0.99), n ? sum / n : 0, wall_ns > 0 ? n / (wall_ns / 1e9) : 0);
+  printf(",\"n\":%zu,\"p50_us\":%.3f,\"p99_us\":%.3f,\"mean_us\":%.3f,\"ops_s\":%.3f,\"wall_s\":%.6f,\"lat_"
+         "us\":[",
+         n, pct(lat, n, 0.5), pct(lat, n, 0.99), n ? sum / n : 0, wall_ns > 0 ? n / (wall_ns / 1e9) : 0,
+         wall_ns / 1e9);
+  for (size_t i = 0; i < n; i++)
+    printf("%s%.1f", i ? "," : "", (double)(lat[i] / 100) / 10.0);
+  printf("]}\n");
   fflush(stdout);
 }
 

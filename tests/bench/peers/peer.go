@@ -48,7 +48,10 @@ type result struct {
 	P99      float64 `json:"p99_us"`
 	Mean     float64 `json:"mean_us"`
 	OpsS     float64 `json:"ops_s"`
+	Wall     float64 `json:"wall_s"`
 	Error    string  `json:"error,omitempty"`
+	// Every sample (µs, 0.1 µs resolution), so that the driver can merge rounds.
+	LatUs []float64 `json:"lat_us,omitempty"`
 }
 
 func pct(sorted []float64, p float64) float64 {
@@ -73,6 +76,11 @@ func emit(lat []time.Duration, wall time.Duration) {
 	}
 	if wall > 0 {
 		r.OpsS = float64(len(lat)) / wall.Seconds()
+	}
+	r.Wall = wall.Seconds()
+	r.LatUs = make([]float64, len(lat))
+	for i, d := range lat {
+		r.LatUs[i] = float64(d.Nanoseconds()/100) / 10.0
 	}
 	b, _ := json.Marshal(r)
 	fmt.Println(string(b))

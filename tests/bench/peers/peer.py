@@ -36,6 +36,8 @@ def emit(args, lat_ns, wall_s):
         r.update(p50_us=pct(us, 0.5), p99_us=pct(us, 0.99), mean_us=sum(us) / len(us))
     if wall_s > 0:
         r["ops_s"] = len(us) / wall_s
+    r["wall_s"] = wall_s
+    r["lat_us"] = [round(x / 1000.0, 1) for x in lat_ns]  # every sample, for merging rounds
     print(json.dumps(r), flush=True)
 
 
