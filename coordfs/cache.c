@@ -1,0 +1,244 @@
+/*
+ * cache.c — the watch-coherent key cache of one tree (/config, /services).
+ *
+ * Every key below the tree's prefix is held in memory with its value and
+ * etcd metadata, keyed by its path relative to the tree.  Each directory
+ * level of a key also has a node (so that a directory knows how many keys are
+ * below it and readdir only has to look at direct children).  Deleted keys
+ * keep their node with present = 0 and the revision of the delete, so that a
+ * late event older than what this mount already applied (its own write,
+ * applied from the Put's answer) is recognised and ignored.
+ *
+ * Locking: every function here is called with g.lock held.
+ */
+#include "coordfs.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static uint64_t hash(const char *s) {
+  uint64_t h = 1469598103934665603ull;
+  for (; *s; s++)
+    h = (h ^ (unsigned char)*s) * 1099511628211ull;
+  return h;
+}
+
+struct cfs_node *cache_find(struct cfs_cache *c, const char *path) {
+  if (!c->cap)
+    return NULL;
+  for (struct cfs_node *n = c->tab[hash(path) % c->cap]; n; n = n->next)
+    if (!strcmp(n->path, path))
+      return n;
+  return NULL;
+}
+
+static void grow(struct cfs_cache *c) {
+  size_t cap = c->cap ? c->cap * 2 : 256;
+  struct cfs_node **tab = calloc(cap, sizeof(*tab));
+  if (!tab)
+    return;
+  for (size_t i = 0; i < c->cap; i++) {
+    struct cfs_node *n = c->tab[i], *next;
+    for (; n; n = next) {
+      next = n->next;
+      size_t h = hash(n->path) % cap;
+      n->next = tab[h];
+      tab[h] = n;
+    }
+  }
+  free(c->tab);
+  c->tab = tab;
+  c->cap = cap;
+}
+
+struct cfs_node *cache_node(struct cfs_cache *c, const char *path) {
+  struct cfs_node *n = cache_find(c, path);
+  if (n)
+    return n;
+  if (c->n + 1 > c->cap * 3 / 4)
+    grow(c);
+  if (!c->cap)
+    return NULL;
+  n = calloc(1, sizeof(*n));
+  if (!n || !(n->path = strdup(path))) {
+    free(n);
+    return NULL;
+  }
+  size_t h = hash(path) % c->cap;
+  n->next = c->tab[h];
+  c->tab[h] = n;
+  c->n++;
+  return n;
+}
+
+int cfs_key_ok(const char *key, size_t len) {
+  if (len == 0 || strlen(key) != len)
+    return 0;
+  const char *p = key, *end = key + len;
+  while (p <= end) {
+    const char *s = memchr(p, '/', (size_t)(end - p));
+    size_t part = s ? (size_t)(s - p) : (size_t)(end - p);
+    if (part == 0 || part > 255)
+      return 0;
+    if ((part == 1 && p[0] == '.') || (part == 2 && p[0] == '.' && p[1] == '.'))
+      return 0;
+    if (part == 6 && !memcmp(p, ".value", 6))
+      return 0;
+    if (!s)
+      break;
+    p = s + 1;
+  }
+  return 1;
+}
+
+/* Adds d to the descendant count of every ancestor directory of path. */
+static void add_ancestors(struct cfs_cache *c, const char *path, int d) {
+  char *p = strdup(path);
+  if (!p)
+    return;
+  for (char *s = strrchr(p, '/'); s; s = strrchr(p, '/')) {
+    *s = 0;
+    struct cfs_node *a = cache_node(c, p);
+    if (a) {
+      a->ndesc += d;
+      if (d > 0)
+        a->localdir = 0; /* something was written in it */
+    }
+  }
+  free(p);
+}
+
+int cache_apply(struct cfs_cache *c, const char *key, size_t key_len, int is_put, const void *val, size_t len,
+                int64_t rev, int64_t create_rev, int64_t version, int64_t lease) {
+  int ok = cfs_key_ok(key, key_len);
+  char *path = strndup(key, key_len);
+  if (!path)
+    return 0;
+  struct cfs_node *n = cache_node(c, path);
+  free(path);
+  if (!n)
+    return 0;
+  if (rev > c->rev)
+    c->rev = rev;
+  if (rev < n->rev)
+    return 0;
+  if (rev == n->rev) {
+    /* our own write, seen again by the watch: only refresh the metadata */
+    if (is_put && n->present) {
+      n->create_rev = create_rev;
+      n->version = version;
+      n->lease = lease;
+    }
+    return 0;
+  }
+  int was = n->present && !n->bad;
+  if (n->present && n->bad)
+    c->nbad--;
+  n->rev = rev;
+  clock_gettime(CLOCK_REALTIME, &n->mtime);
+  free(n->val);
+  n->val = NULL;
+  n->len = 0;
+  if (is_put) {
+    n->val = malloc(len + 1);
+    if (n->val) {
+      memcpy(n->val, val, len);
+      n->val[len] = 0;
+      n->len = len;
+    }
+    n->present = 1;
+    n->bad = !ok;
+    n->mod_rev = rev;
+    n->create_rev = create_rev;
+    n->version = version;
+    n->lease = lease;
+    if (n->bad)
+      c->nbad++;
+  } else {
+    n->present = 0;
+    n->bad = 0;
+    n->mod_rev = n->create_rev = n->version = n->lease = 0;
+  }
+  int now = n->present && !n->bad;
+  if (now != was)
+    add_ancestors(c, n->path, now ? 1 : -1);
+  return 1;
+}
+
+int cache_is_dir(const struct cfs_node *n) {
+  return n && (n->ndesc > 0 || n->localdir);
+}
+
+int cache_is_file(const struct cfs_node *n) {
+  return n && ((n->present && !n->bad) || n->creating > 0);
+}
+
+void cache_children(struct cfs_cache *c, const char *dir,
+                    void (*fn)(struct cfs_node *n, const char *name, void *arg), void *arg) {
+  size_t dl = strlen(dir);
+  for (size_t i = 0; i < c->cap; i++)
+    for (struct cfs_node *n = c->tab[i]; n; n = n->next) {
+      const char *name;
+      if (dl == 0)
+        name = n->path;
+      else if (!strncmp(n->path, dir, dl) && n->path[dl] == '/')
+        name = n->path + dl + 1;
+      else
+        continue;
+      if (!*name || strchr(name, '/'))
+        continue;
+      if (cache_is_dir(n) || cache_is_file(n))
+        fn(n, name, arg);
+    }
+}
+
+void cache_free(struct cfs_cache *c) {
+  for (size_t i = 0; i < c->cap; i++) {
+    struct cfs_node *n = c->tab[i], *next;
+    for (; n; n = next) {
+      next = n->next;
+      free(n->path);
+      free(n->val);
+      free(n);
+    }
+  }
+  free(c->tab);
+  c->tab = NULL;
+  c->cap = c->n = 0;
+}
+
+int cache_xattr(const struct cfs_node *n, const char *name, char *buf, size_t size) {
+  static const char names[] = "user.coord.create_revision\0user.coord.mod_revision\0"
+                              "user.coord.version\0user.coord.lease";
+  char tmp[32];
+  const char *val;
+  size_t len;
+  if (!name) {
+    val = n ? names : "";
+    len = n ? sizeof(names) : 0;
+  } else if (!n) {
+    return -ENODATA;
+  } else {
+    int64_t v;
+    if (!strcmp(name, "user.coord.create_revision"))
+      v = n->create_rev;
+    else if (!strcmp(name, "user.coord.mod_revision"))
+      v = n->mod_rev;
+    else if (!strcmp(name, "user.coord.version"))
+      v = n->version;
+    else if (!strcmp(name, "user.coord.lease"))
+      v = n->lease;
+    else
+      return -ENODATA;
+    len = (size_t)snprintf(tmp, sizeof(tmp), "%lld", (long long)v);
+    val = tmp;
+  }
+  if (size == 0)
+    return (int)len;
+  if (size < len)
+    return -ERANGE;
+  memcpy(buf, val, len);
+  return (int)len;
+}

@@ -1,0 +1,287 @@
+/*
+ * coordfs.h — what the parts of coordfs share.
+ *
+ * coordfs is a FUSE (low-level API) file system over libcoord:
+ *
+ *   main.c      options, daemonizing, start-up and shut-down
+ *   fs.c        the inode table, dispatch by tree, the FUSE low-level ops
+ *   cache.c     the watch-coherent key cache (one per tree: config, services)
+ *   config.c    /config: files and directories from keys, buffered writes
+ *   services.c  /services: instances, registration by an open file
+ *   events.c    the watch thread and the /events/ streams
+ *   status.c    /status
+ *   notifier.c  the notifier thread: self-operations so inotify works
+ *   locks.c     /locks (issue 5) behind the locks_* hooks declared below
+ *
+ * Threads:
+ *   - libfuse's worker threads (fuse_session_loop_mt) run the ops in fs.c.
+ *     A handler never waits for the watch thread or the notifier thread.
+ *   - the watch thread (events.c) reads the config, services and locks watches,
+ *     applies each event to the caches, invalidates the kernel's cached pages
+ *     and attributes of what changed, feeds the /events/ streams and queues
+ *     self-operations for the notifier.
+ *   - the notifier thread (notifier.c) performs those self-operations on the
+ *     mount.  Its requests are recognised by fuse_req_ctx(req)->pid ==
+ *     g.notifier_tid and answered from the local view without etcd.
+ *   - libcoord's own event thread runs lease-lost callbacks (services.c).
+ *
+ * Locks (always taken in this order, never held across an etcd call, a
+ * fuse_reply_* that may block, a kernel notification or a self-operation):
+ *   g.lock        the caches (config, services), the inode table, counters
+ *                 that are not atomics, the mount-local directories.
+ *   file->lock    one open file: its write buffer and registration.
+ *                 Taken before g.lock when both are needed.
+ *   events lock   (events.c, private) the /events/ streams and their queues.
+ *   notifier lock (notifier.c, private) the job queue and the current job.
+ *
+ * Ownership: a cfs_file belongs to the open file description (fi->fh) from
+ * open/create until release, which frees it.  Cache nodes belong to their
+ * cache.  Inodes belong to the inode table and live while the kernel holds
+ * a lookup count on them.
+ */
+#ifndef COORDFS_H
+#define COORDFS_H
+
+#define FUSE_USE_VERSION 34
+#include <fuse_lowlevel.h>
+
+#include <pthread.h>
+#include <stdint.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <time.h>
+
+#include "coord.h"
+
+/* etcd's default --max-request-bytes is 1.5 MiB; a Put carries the key and a
+ * little framing besides the value. */
+#define CFS_MAX_REQUEST (1536 * 1024)
+#define CFS_REQUEST_OVERHEAD 512
+
+/* ---------------------------------------------------------------- options */
+
+struct cfs_opts {
+  char *endpoints;
+  char *user;
+  char *password_file;
+  char *password; /* from the file or $COORD_PASSWORD, never from argv */
+  char *cacert, *cert, *key;
+  char *prefix;
+  int lock_ttl_ms;
+  int service_ttl_ms;
+  int timeout_ms; /* per etcd call (0: libcoord default) */
+  int foreground, debug, ro, allow_other, default_permissions;
+  int uid_set, gid_set;
+  unsigned uid, gid;
+  char *mountpoint; /* absolute */
+};
+
+/* ---------------------------------------------------------------- counters */
+
+struct cfs_counters {
+  uint64_t ops, cache_hits, events, errors, commits, conflicts;
+};
+#define CFS_COUNT(field) __atomic_add_fetch(&g.counters.field, 1, __ATOMIC_RELAXED)
+
+/* ---------------------------------------------------------------- cache */
+
+/* One path of a tree as the cache knows it: a key, a directory made of the
+ * keys below it, a mount-local directory, or all at once. */
+struct cfs_node {
+  char *path;  /* relative to the tree: "app/db" */
+  int present; /* the key exists in etcd */
+  int bad;     /* the key cannot be a file name (left out, counted) */
+  char *val;   /* value (NUL-terminated copy), when present */
+  size_t len;
+  int64_t create_rev, mod_rev, version, lease;
+  int64_t rev;           /* revision of the last change applied (put or delete) */
+  struct timespec mtime; /* when this mount saw that revision */
+  int ndesc;             /* present good keys strictly below path/ */
+  int localdir;          /* made by mkdir on this mount, still empty */
+  int creating;          /* open handles that created it and have not committed */
+  struct cfs_node *next;
+};
+
+struct cfs_cache {
+  const char *prefix; /* "/config/" */
+  struct cfs_node **tab;
+  size_t cap, n;
+  int nbad;    /* present keys that cannot be file names */
+  int64_t rev; /* highest revision applied */
+};
+
+struct cfs_node *cache_find(struct cfs_cache *c, const char *path);
+struct cfs_node *cache_node(struct cfs_cache *c, const char *path); /* find or add */
+/* Applies a change at revision rev if it is newer than what the node holds.
+ * Returns 1 if the node changed, 0 if not (an older or same revision: the
+ * echo of this mount's own write). */
+int cache_apply(struct cfs_cache *c, const char *key, size_t key_len, int is_put, const void *val, size_t len,
+                int64_t rev, int64_t create_rev, int64_t version, int64_t lease);
+int cache_is_dir(const struct cfs_node *n);
+int cache_is_file(const struct cfs_node *n);
+/* Calls fn for each visible child of dir (""=root of the tree). */
+void cache_children(struct cfs_cache *c, const char *dir,
+                    void (*fn)(struct cfs_node *n, const char *name, void *arg), void *arg);
+/* 1 if key (relative to the tree) can be shown as a file path. */
+int cfs_key_ok(const char *key, size_t len);
+/* getxattr (name) or listxattr (name NULL) of a key's metadata; n NULL: not
+ * a key.  Returns the length or -errno; size 0 asks for the length. */
+int cache_xattr(const struct cfs_node *n, const char *name, char *buf, size_t size);
+void cache_free(struct cfs_cache *c);
+
+/* ---------------------------------------------------------------- files */
+
+enum cfs_kind {
+  FK_DIR,
+  FK_CONFIG,  /* /config file */
+  FK_SERVICE, /* /services/<name>/<id> */
+  FK_EVENTS,  /* /events/... */
+  FK_STATUS,
+  FK_NOTIFY, /* opened by the notifier thread: every op is a no-op */
+  FK_LOCK,   /* /locks/<name>: locks.c owns priv */
+};
+
+struct cfs_stream;
+
+struct cfs_file {
+  enum cfs_kind kind;
+  pthread_mutex_t lock;
+  char *path; /* mount path, "config/app" */
+  char *key;  /* key relative to its tree ("app"; "chat/chat-1") */
+  int writable;
+  /* write buffer (config, service) */
+  char *buf;
+  size_t len, cap;
+  int dirty;      /* buffer differs from what was committed */
+  int truncating; /* started by truncating: commit without a compare */
+  int failed;     /* a write or commit failed: never commit */
+  int creating;   /* holds a cfs_node.creating reference (config) */
+  int64_t base_rev;
+  /* snapshot for reads (status, directory listings) */
+  char *snap;
+  size_t snap_len;
+  /* service registration */
+  int64_t lease;
+  int registered;
+  /* /events stream */
+  struct cfs_stream *stream;
+  /* directory listing: packed dirent buffer built at opendir */
+  char *dirbuf;
+  size_t dirlen;
+  void *priv; /* locks.c */
+};
+
+struct cfs_file *cfs_file_new(enum cfs_kind kind, const char *path);
+void cfs_file_free(struct cfs_file *f);
+
+/* ---------------------------------------------------------------- global */
+
+struct cfs {
+  struct cfs_opts o;
+  coord_t *c;
+  struct fuse_session *se;
+  pthread_mutex_t lock; /* g.lock, see above */
+  struct cfs_cache config, services;
+  struct cfs_counters counters;
+  pid_t notifier_tid;
+  struct timespec started;
+  int connected; /* last etcd call reached etcd */
+};
+extern struct cfs g;
+
+/* ---------------------------------------------------------------- fs.c */
+
+extern const struct fuse_lowlevel_ops cfs_ops;
+int cfs_errno(int coord_err); /* COORD_E* -> errno (positive) */
+void cfs_fill_stat(struct stat *st, mode_t mode, off_t size, const struct timespec *mtime);
+/* Is there a kernel-visible inode for this mount path?  Returns its number or 0. */
+fuse_ino_t cfs_inode_known(const char *path);
+int cfs_is_self(fuse_req_t req); /* request made by the notifier thread */
+/* For locks.c: answer an open/create that was kept pending. */
+void cfs_reply_create(fuse_req_t req, const char *path, struct fuse_file_info *fi);
+
+/* ---------------------------------------------------------------- config.c */
+
+int config_load(void); /* initial range; 0 or COORD_E* */
+int config_stat(const char *rel, struct stat *st);
+int config_list(const char *rel, void (*fill)(const char *name, mode_t mode, void *arg), void *arg);
+int config_open(const char *rel, struct cfs_file *f, int flags, int create);
+int config_read(struct cfs_file *f, size_t size, off_t off, char **out, size_t *out_len); /* malloc'd */
+int config_write(struct cfs_file *f, const char *buf, size_t size, off_t off);
+int config_commit(struct cfs_file *f); /* 0 or -errno */
+int config_truncate(struct cfs_file *f, const char *rel, off_t size);
+int config_unlink(const char *rel);
+int config_mkdir(const char *rel);
+int config_rmdir(const char *rel);
+int config_rename(const char *from, const char *to, unsigned flags);
+int config_xattr(const char *rel, const char *name, char *buf, size_t size); /* len or -errno */
+int config_release(struct cfs_file *f);
+/* etcd key (relative to /config/) that the file at rel reads and writes. */
+char *config_key_of(const char *rel);
+
+/* ---------------------------------------------------------------- services.c */
+
+int services_load(void);
+int services_stat(const char *rel, struct stat *st);
+int services_list(const char *rel, void (*fill)(const char *name, mode_t mode, void *arg), void *arg);
+int services_open(const char *rel, struct cfs_file *f, int flags, int create);
+int services_read(struct cfs_file *f, size_t size, off_t off, char **out, size_t *out_len);
+int services_write(struct cfs_file *f, const char *buf, size_t size, off_t off);
+int services_flush(struct cfs_file *f);
+void services_release(struct cfs_file *f);
+int services_unlink(const char *rel);
+int services_xattr(const char *rel, const char *name, char *buf, size_t size);
+
+/* ---------------------------------------------------------------- events.c */
+
+enum cfs_stream_kind { S_CONFIG, S_SERVICES, S_LOCKS, S_NKINDS };
+int events_start(void); /* creates the watches and the watch thread */
+void events_stop(void);
+int events_open(struct cfs_file *f, int which, int nonblock);
+void events_read(fuse_req_t req, struct cfs_file *f, size_t size, int nonblock);
+void events_poll(fuse_req_t req, struct cfs_file *f, struct fuse_pollhandle *ph);
+void events_release(struct cfs_file *f);
+
+/* ---------------------------------------------------------------- status.c */
+
+int status_snapshot(char **out, size_t *len);
+
+/* ---------------------------------------------------------------- notifier.c */
+
+enum cfs_job_op { J_MODIFY, J_CREATE, J_MKDIR, J_UNLINK, J_RMDIR, J_INVAL };
+void notifier_start(void);
+void notifier_stop(void);
+/* Queue a self-operation on the mount path (never blocks, no locks needed). */
+void notifier_queue(enum cfs_job_op op, const char *path, fuse_ino_t ino);
+/* The notifier's current self-operation on path, or -1 (for the daemon's
+ * answers to the notifier's own requests). */
+int notifier_current(const char *path);
+
+/* ---------------------------------------------------------------- /locks hooks
+ *
+ * fs.c handles the /locks directory itself and calls these for everything
+ * below it.  rel is the path below /locks ("deploy").  Each hook that takes
+ * a fuse_req_t must answer it exactly once, now or later (a pending open may
+ * be answered from libcoord's event thread; register fuse_req_interrupt_func
+ * to answer EINTR).  f is the cfs_file of kind FK_LOCK made by fs.c; f->priv
+ * is locks.c's own.  fs.c frees f after locks_release returns.
+ */
+int locks_init(void);                              /* after coord_new; 0 or COORD_E* */
+void locks_shutdown(void);                         /* before coord_close */
+void locks_conn_init(struct fuse_conn_info *conn); /* e.g. want FUSE_CAP_FLOCK_LOCKS */
+int locks_stat(const char *rel, struct stat *st);  /* st prefilled (uid, gid, times); 0 or -errno */
+int locks_list(void (*fill)(const char *name, mode_t mode, void *arg), void *arg); /* names in /locks */
+/* open (create: O_CREAT of a new name).  Answer with fuse_reply_open(req, fi)
+ * (open) or cfs_reply_create(req, "locks/<rel>", fi) (create), or an error. */
+void locks_open(fuse_req_t req, const char *rel, struct cfs_file *f, struct fuse_file_info *fi, int create);
+void locks_read(fuse_req_t req, struct cfs_file *f, size_t size, off_t off);
+void locks_write(fuse_req_t req, struct cfs_file *f, const char *buf, size_t size, off_t off);
+void locks_flush(fuse_req_t req, struct cfs_file *f);
+void locks_release(struct cfs_file *f); /* last close; no reply (fs.c replies) */
+void locks_poll(fuse_req_t req, struct cfs_file *f, struct fuse_pollhandle *ph);
+void locks_flock(fuse_req_t req, struct cfs_file *f, int op);
+void locks_getlk(fuse_req_t req, struct cfs_file *f, struct flock *lock);
+void locks_setlk(fuse_req_t req, struct cfs_file *f, struct flock *lock, int sleep);
+int locks_unlink(const char *rel); /* 0 or -errno */
+
+#endif

@@ -1,0 +1,544 @@
+/*
+ * events.c — the watch thread, and the /events/{config,services,locks}
+ * streams.
+ *
+ * The watch thread owns three prefix watches (/config/, /services/,
+ * /locks/) and waits on their coord_watch_fd()s.  For each event it:
+ *   1. applies it to the cache (config, services) under g.lock, noting what
+ *      was visible before and after;
+ *   2. with no lock held: invalidates the kernel's pages and attributes of a
+ *      changed file the kernel knows (so the next read gets the new value),
+ *      and queues the notifier's self-operations for inotify;
+ *   3. appends the event's JSON line to every open stream of that kind that
+ *      started before the event's revision, and answers waiting readers and
+ *      pollers.
+ * An event whose revision the cache already holds is this mount's own write
+ * (applied from the answer to its Put): it is neither invalidated nor
+ * echoed to the notifier, but it is still a line in /events/.
+ *
+ * Streams: a read with nothing queued is kept as a pending fuse_req_t (no
+ * worker thread waits) and answered by the watch thread, or with EINTR by
+ * the interrupt callback when the reader gets a signal.  A read returns
+ * whole lines (a single line longer than the read size is split).
+ *
+ * Locking: ev_lock guards every stream (queues, waiters, poll handles) and
+ * the stream lists.  fuse replies and poll notifications are sent after
+ * ev_lock is released.  g.lock is never held together with ev_lock.
+ */
+#include "coordfs.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+struct waiter {
+  fuse_req_t req;
+  size_t size;
+  struct waiter *next;
+};
+
+struct cfs_stream {
+  int which;
+  int64_t start_rev; /* events at or before it are not delivered */
+  char *q;           /* whole lines not read yet */
+  size_t qlen, qcap;
+  struct waiter *waiters;
+  struct fuse_pollhandle *ph;
+  struct cfs_stream *next;
+};
+
+static pthread_mutex_t ev_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct cfs_stream *streams[S_NKINDS];
+
+static const char *const watch_prefix[S_NKINDS] = {"/config/", "/services/", "/locks/"};
+static coord_watch_t *watches[S_NKINDS];
+static int64_t last_rev[S_NKINDS];
+static pthread_t thread;
+static int thread_started;
+static int wake_fd = -1;
+static volatile int stopping;
+
+/* ---------------------------------------------------------------- streams */
+
+/* Takes up to size bytes of whole lines from the queue.  ev_lock held. */
+static void take(struct cfs_stream *s, size_t size, char **out, size_t *len) {
+  size_t n = s->qlen < size ? s->qlen : size;
+  size_t cut = n;
+  for (size_t i = n; i > 0; i--)
+    if (s->q[i - 1] == '\n') {
+      cut = i;
+      break;
+    }
+  *out = malloc(cut ? cut : 1);
+  if (!*out) {
+    *len = 0;
+    return;
+  }
+  memcpy(*out, s->q, cut);
+  memmove(s->q, s->q + cut, s->qlen - cut);
+  s->qlen -= cut;
+  *len = cut;
+}
+
+static void on_interrupt(fuse_req_t req, void *data) {
+  (void)data;
+  int found = 0;
+  pthread_mutex_lock(&ev_lock);
+  for (int k = 0; k < S_NKINDS && !found; k++)
+    for (struct cfs_stream *s = streams[k]; s && !found; s = s->next)
+      for (struct waiter **wp = &s->waiters; *wp; wp = &(*wp)->next)
+        if ((*wp)->req == req) {
+          struct waiter *w = *wp;
+          *wp = w->next;
+          free(w);
+          found = 1;
+          break;
+        }
+  pthread_mutex_unlock(&ev_lock);
+  if (found)
+    fuse_reply_err(req, EINTR);
+}
+
+static int64_t current_revision(void) {
+  coord_range_opts_t ro = {.count_only = 1, .timeout_ms = g.o.timeout_ms};
+  coord_kv_result_t *r = NULL;
+  int64_t rev = 0;
+  if (!coord_kv_get(g.c, "/", &ro, &r))
+    rev = r->revision;
+  coord_kv_result_free(r);
+  if (!rev) {
+    pthread_mutex_lock(&g.lock);
+    rev = g.config.rev > g.services.rev ? g.config.rev : g.services.rev;
+    pthread_mutex_unlock(&g.lock);
+  }
+  return rev;
+}
+
+int events_open(struct cfs_file *f, int which, int nonblock) {
+  (void)nonblock;
+  if (which < 0)
+    return -ENOENT;
+  struct cfs_stream *s = calloc(1, sizeof(*s));
+  if (!s)
+    return -ENOMEM;
+  s->which = which;
+  s->start_rev = current_revision();
+  pthread_mutex_lock(&ev_lock);
+  s->next = streams[which];
+  streams[which] = s;
+  pthread_mutex_unlock(&ev_lock);
+  f->stream = s;
+  return 0;
+}
+
+void events_read(fuse_req_t req, struct cfs_file *f, size_t size, int nonblock) {
+  struct cfs_stream *s = f->stream;
+  char *data = NULL;
+  size_t len = 0;
+  pthread_mutex_lock(&ev_lock);
+  if (s->qlen) {
+    take(s, size, &data, &len);
+    pthread_mutex_unlock(&ev_lock);
+    fuse_reply_buf(req, data, len);
+    free(data);
+    return;
+  }
+  pthread_mutex_unlock(&ev_lock);
+  if (nonblock) {
+    fuse_reply_err(req, EAGAIN);
+    return;
+  }
+  /* Register the interrupt callback before the request is visible to the
+   * watch thread: it may be called at once (already interrupted), then it
+   * finds nothing and fuse_req_interrupted() below answers EINTR. */
+  fuse_req_interrupt_func(req, on_interrupt, NULL);
+  pthread_mutex_lock(&ev_lock);
+  if (fuse_req_interrupted(req)) {
+    pthread_mutex_unlock(&ev_lock);
+    fuse_reply_err(req, EINTR);
+    return;
+  }
+  if (s->qlen) {
+    take(s, size, &data, &len);
+    pthread_mutex_unlock(&ev_lock);
+    fuse_reply_buf(req, data, len);
+    free(data);
+    return;
+  }
+  struct waiter *w = calloc(1, sizeof(*w)), **wp;
+  if (!w) {
+    pthread_mutex_unlock(&ev_lock);
+    fuse_reply_err(req, ENOMEM);
+    return;
+  }
+  w->req = req;
+  w->size = size;
+  for (wp = &s->waiters; *wp; wp = &(*wp)->next)
+    ;
+  *wp = w;
+  pthread_mutex_unlock(&ev_lock);
+}
+
+void events_poll(fuse_req_t req, struct cfs_file *f, struct fuse_pollhandle *ph) {
+  struct cfs_stream *s = f->stream;
+  struct fuse_pollhandle *old = NULL;
+  pthread_mutex_lock(&ev_lock);
+  if (ph) {
+    old = s->ph;
+    s->ph = ph;
+  }
+  unsigned revents = s->qlen ? POLLIN | POLLRDNORM : 0;
+  pthread_mutex_unlock(&ev_lock);
+  if (old)
+    fuse_pollhandle_destroy(old);
+  fuse_reply_poll(req, revents);
+}
+
+void events_release(struct cfs_file *f) {
+  struct cfs_stream *s = f->stream;
+  if (!s)
+    return;
+  pthread_mutex_lock(&ev_lock);
+  for (struct cfs_stream **sp = &streams[s->which]; *sp; sp = &(*sp)->next)
+    if (*sp == s) {
+      *sp = s->next;
+      break;
+    }
+  struct waiter *w = s->waiters;
+  s->waiters = NULL;
+  pthread_mutex_unlock(&ev_lock);
+  while (w) { /* cannot happen: the kernel releases after the last read */
+    struct waiter *next = w->next;
+    fuse_reply_err(w->req, EINTR);
+    free(w);
+    w = next;
+  }
+  if (s->ph)
+    fuse_pollhandle_destroy(s->ph);
+  free(s->q);
+  free(s);
+  f->stream = NULL;
+}
+
+struct answer {
+  fuse_req_t req;
+  char *data;
+  size_t len;
+  struct answer *next;
+};
+
+/* Appends line to the streams of kind which that started before rev,
+ * then answers readers and pollers. */
+static void publish(int which, int64_t rev, const char *line, size_t len) {
+  struct answer *answers = NULL;
+  struct fuse_pollhandle *phs[64];
+  size_t nph = 0;
+  pthread_mutex_lock(&ev_lock);
+  for (struct cfs_stream *s = streams[which]; s; s = s->next) {
+    if (rev <= s->start_rev)
+      continue;
+    if (s->qlen + len > s->qcap) {
+      size_t cap = s->qcap ? s->qcap : 4096;
+      while (cap < s->qlen + len)
+        cap *= 2;
+      char *q = realloc(s->q, cap);
+      if (!q)
+        continue;
+      s->q = q;
+      s->qcap = cap;
+    }
+    memcpy(s->q + s->qlen, line, len);
+    s->qlen += len;
+    while (s->qlen && s->waiters) {
+      struct waiter *w = s->waiters;
+      s->waiters = w->next;
+      struct answer *a = calloc(1, sizeof(*a));
+      if (a) {
+        a->req = w->req;
+        take(s, w->size, &a->data, &a->len);
+        a->next = answers;
+        answers = a;
+      } else {
+        fuse_reply_err(w->req, ENOMEM);
+      }
+      free(w);
+    }
+    if (s->ph && nph < sizeof(phs) / sizeof(phs[0])) {
+      phs[nph++] = s->ph;
+      s->ph = NULL;
+    }
+  }
+  pthread_mutex_unlock(&ev_lock);
+  while (answers) {
+    struct answer *a = answers;
+    answers = a->next;
+    fuse_reply_buf(a->req, a->data, a->len);
+    free(a->data);
+    free(a);
+  }
+  for (size_t i = 0; i < nph; i++) {
+    fuse_lowlevel_notify_poll(phs[i]);
+    fuse_pollhandle_destroy(phs[i]);
+  }
+}
+
+/* A JSON string of bytes that may not be UTF-8 (invalid bytes become '?'). */
+static json_t *json_bytes(const char *p, size_t n) {
+  json_t *s = json_stringn(p, n);
+  if (s)
+    return s;
+  char *c = malloc(n + 1);
+  if (!c)
+    return NULL;
+  for (size_t i = 0; i < n; i++)
+    c[i] = (unsigned char)p[i] >= 0x80 || !p[i] ? '?' : p[i];
+  s = json_stringn(c, n);
+  free(c);
+  return s;
+}
+
+static void publish_event(int which, const coord_event_t *ev, const char *rel, size_t rel_len) {
+  json_t *o = json_object();
+  if (!o)
+    return;
+  json_object_set_new(o, "type", json_string(ev->type == COORD_EVENT_PUT ? "PUT" : "DELETE"));
+  json_object_set_new(o, "key", json_bytes(rel, rel_len));
+  json_object_set_new(o, "revision", json_integer(ev->revision));
+  if (ev->type == COORD_EVENT_PUT)
+    json_object_set_new(o, "value", json_bytes(ev->kv.value, ev->kv.value_len));
+  char *s = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
+  json_decref(o);
+  if (!s)
+    return;
+  size_t n = strlen(s);
+  char *line = realloc(s, n + 2);
+  if (!line) {
+    free(s);
+    return;
+  }
+  line[n] = '\n';
+  line[n + 1] = 0;
+  publish(which, ev->revision, line, n + 1);
+  free(line);
+}
+
+/* ---------------------------------------------------------------- cache + notifier */
+
+#define MAX_JOBS 64
+struct jobs {
+  size_t n;
+  struct {
+    enum cfs_job_op op;
+    char *path;
+  } j[MAX_JOBS];
+};
+
+static void add_job(struct jobs *js, enum cfs_job_op op, const char *top, const char *rel, size_t rel_len,
+                    const char *suffix) {
+  if (js->n >= MAX_JOBS)
+    return;
+  char *p = malloc(strlen(top) + rel_len + strlen(suffix) + 2);
+  if (!p)
+    return;
+  sprintf(p, "%s/%.*s%s", top, (int)rel_len, rel, suffix);
+  js->j[js->n].op = op;
+  js->j[js->n].path = p;
+  js->n++;
+}
+
+/* What of a key's path was visible, per level. */
+#define MAX_DEPTH 64
+struct seen {
+  int depth;             /* number of path components */
+  size_t end[MAX_DEPTH]; /* length of the prefix ending at component i */
+  int vis[MAX_DEPTH];    /* component i visible (as dir, or file for the last) */
+  int file;              /* the key itself visible as a file */
+  int dir;               /* the key itself visible as a directory */
+};
+
+static void look(struct cfs_cache *c, const char *key, size_t len, struct seen *s) {
+  memset(s, 0, sizeof(*s));
+  char *p = strndup(key, len);
+  if (!p)
+    return;
+  for (size_t i = 0; i <= len && s->depth < MAX_DEPTH; i++) {
+    if (i == len || p[i] == '/') {
+      char save = p[i];
+      p[i] = 0;
+      struct cfs_node *n = cache_find(c, p);
+      s->end[s->depth] = i;
+      s->vis[s->depth] = cache_is_dir(n) || (i == len && cache_is_file(n));
+      if (i == len) {
+        s->file = cache_is_file(n);
+        s->dir = cache_is_dir(n);
+      }
+      p[i] = save;
+      s->depth++;
+    }
+  }
+  free(p);
+}
+
+/* Applies one event of tree which to its cache and works out the
+ * self-operations that make the kernel report it. */
+static void apply_event(int which, const coord_event_t *ev, const char *rel, size_t rel_len) {
+  struct cfs_cache *c = which == S_CONFIG ? &g.config : &g.services;
+  const char *top = which == S_CONFIG ? "config" : "services";
+  struct jobs js = {0};
+  struct seen before, after;
+  int ok = cfs_key_ok(rel, rel_len);
+  pthread_mutex_lock(&g.lock);
+  if (ok)
+    look(c, rel, rel_len, &before);
+  int changed = cache_apply(c, rel, rel_len, ev->type == COORD_EVENT_PUT, ev->kv.value, ev->kv.value_len,
+                            ev->revision, ev->kv.create_revision, ev->kv.version, ev->kv.lease);
+  if (ok && changed)
+    look(c, rel, rel_len, &after);
+  pthread_mutex_unlock(&g.lock);
+  if (!ok || !changed || before.depth != after.depth)
+    return;
+  int d = after.depth;
+  if (after.file && before.file) {
+    add_job(&js, J_MODIFY, top, rel, rel_len, after.dir ? "/.value" : "");
+  } else if (after.file && !before.file) {
+    /* the first component that was not there is the new name */
+    for (int i = 0; i < d; i++)
+      if (!before.vis[i]) {
+        if (i == d - 1)
+          add_job(&js, J_CREATE, top, rel, rel_len, "");
+        else
+          add_job(&js, J_MKDIR, top, rel, after.end[i], "");
+        break;
+      }
+    if (before.dir)
+      add_job(&js, J_CREATE, top, rel, rel_len, "/.value");
+  } else if (!after.file && before.file) {
+    add_job(&js, J_UNLINK, top, rel, rel_len, before.dir ? "/.value" : "");
+    for (int i = d - 2; i >= 0; i--)
+      if (before.vis[i] && !after.vis[i])
+        add_job(&js, J_RMDIR, top, rel, before.end[i], "");
+  }
+  for (size_t i = 0; i < js.n; i++) {
+    char *p = js.j[i].path;
+    char *slash = strrchr(p, '/');
+    fuse_ino_t ino = cfs_inode_known(p);
+    *slash = 0;
+    fuse_ino_t parent = cfs_inode_known(p);
+    *slash = '/';
+    if (js.j[i].op == J_MODIFY && ino) /* the next read must see the new value */
+      fuse_lowlevel_notify_inval_inode(g.se, ino, 0, 0);
+    if (ino || parent)
+      notifier_queue(js.j[i].op, p, ino);
+    free(p);
+  }
+}
+
+/* ---------------------------------------------------------------- the watch thread */
+
+static int open_watch(int k, int64_t start) {
+  coord_watch_opts_t wo = {.prefix = 1, .start_revision = start};
+  int rc = coord_watch_create(g.c, watch_prefix[k], &wo, &watches[k]);
+  if (rc)
+    watches[k] = NULL;
+  return rc;
+}
+
+static void handle(int k, coord_event_t *ev) {
+  size_t pl = strlen(watch_prefix[k]);
+  if (ev->kv.key_len < pl)
+    return;
+  const char *rel = ev->kv.key + pl;
+  size_t rel_len = ev->kv.key_len - pl;
+  CFS_COUNT(events);
+  if (ev->revision > last_rev[k])
+    last_rev[k] = ev->revision;
+  if (k != S_LOCKS)
+    apply_event(k, ev, rel, rel_len);
+  publish_event(k, ev, rel, rel_len);
+}
+
+static void *watch_main(void *arg) {
+  (void)arg;
+  while (!stopping) {
+    struct pollfd pfd[S_NKINDS + 1];
+    int idx[S_NKINDS + 1], n = 0, broken = 0;
+    for (int k = 0; k < S_NKINDS; k++) {
+      if (!watches[k] && open_watch(k, last_rev[k] + 1)) {
+        broken = 1;
+        continue;
+      }
+      pfd[n].fd = coord_watch_fd(watches[k]);
+      pfd[n].events = POLLIN;
+      idx[n++] = k;
+    }
+    pfd[n].fd = wake_fd;
+    pfd[n].events = POLLIN;
+    idx[n++] = -1;
+    if (poll(pfd, (nfds_t)n, broken ? 500 : -1) < 0 && errno != EINTR)
+      break;
+    for (int i = 0; i < n; i++) {
+      int k = idx[i];
+      if (k < 0 || !(pfd[i].revents & (POLLIN | POLLERR | POLLHUP)))
+        continue;
+      for (;;) {
+        coord_event_t *ev = NULL;
+        int rc = coord_watch_next(watches[k], 0, &ev);
+        if (rc == COORD_ETIMEDOUT)
+          break;
+        if (rc) { /* the watch ended: open it again after the last event */
+          CFS_COUNT(errors);
+          coord_watch_close(watches[k]);
+          watches[k] = NULL;
+          break;
+        }
+        handle(k, ev);
+        coord_event_free(ev);
+      }
+    }
+  }
+  return NULL;
+}
+
+int events_start(void) {
+  wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wake_fd < 0)
+    return COORD_EIO;
+  pthread_mutex_lock(&g.lock);
+  last_rev[S_CONFIG] = g.config.rev;
+  last_rev[S_SERVICES] = g.services.rev;
+  last_rev[S_LOCKS] = g.config.rev > g.services.rev ? g.config.rev : g.services.rev;
+  pthread_mutex_unlock(&g.lock);
+  for (int k = 0; k < S_NKINDS; k++) {
+    int rc = open_watch(k, last_rev[k] + 1);
+    if (rc)
+      return rc;
+  }
+  if (pthread_create(&thread, NULL, watch_main, NULL))
+    return COORD_ENOMEM;
+  thread_started = 1;
+  return 0;
+}
+
+void events_stop(void) {
+  if (wake_fd < 0)
+    return;
+  stopping = 1;
+  uint64_t one = 1;
+  if (write(wake_fd, &one, sizeof(one)) < 0) {
+    /* nothing to do: the thread also wakes on its next event */
+  }
+  if (thread_started)
+    pthread_join(thread, NULL);
+  thread_started = 0;
+  for (int k = 0; k < S_NKINDS; k++)
+    if (watches[k]) {
+      coord_watch_close(watches[k]);
+      watches[k] = NULL;
+    }
+  close(wake_fd);
+  wake_fd = -1;
+}

@@ -1,0 +1,1112 @@
+/*
+ * fs.c — the inode table, dispatch by tree, and the FUSE low-level ops.
+ *
+ * Inodes are identified by their mount path ("config/app/db", "status";
+ * "" is the root).  An inode number is handed out the first time the kernel
+ * looks a path up and lives until the kernel forgets it; numbers are never
+ * reused.  A rename moves the path of the inode (and of the inodes below a
+ * renamed directory).
+ *
+ * Each op resolves its inode to a path, picks the tree from the first path
+ * component and answers from that tree's module.  Requests made by the
+ * notifier thread (cfs_is_self) are answered from the local view only: they
+ * never reach etcd (see notifier.c).
+ *
+ * Locking: the inode table is under g.lock; paths are copied out before any
+ * other work.  An open file's ops are serialised by file->lock.
+ */
+#include "coordfs.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#define ENTRY_TIMEOUT 1.0
+#define ATTR_TIMEOUT 1.0
+
+struct cfs g;
+
+/* ---------------------------------------------------------------- inode table */
+
+struct inode {
+  fuse_ino_t ino;
+  char *path;
+  uint64_t nlookup;
+  struct inode *next_i, *next_p;
+};
+
+#define NBUCKETS 4096
+static struct inode *by_ino[NBUCKETS], *by_path[NBUCKETS];
+static fuse_ino_t next_ino = 2;
+static struct inode root = {.ino = FUSE_ROOT_ID, .path = "", .nlookup = 1};
+
+static size_t phash(const char *s) {
+  uint64_t h = 1469598103934665603ull;
+  for (; *s; s++)
+    h = (h ^ (unsigned char)*s) * 1099511628211ull;
+  return h % NBUCKETS;
+}
+
+static struct inode *find_ino(fuse_ino_t ino) {
+  if (ino == FUSE_ROOT_ID)
+    return &root;
+  for (struct inode *i = by_ino[ino % NBUCKETS]; i; i = i->next_i)
+    if (i->ino == ino)
+      return i;
+  return NULL;
+}
+
+static struct inode *find_path(const char *path) {
+  if (!*path)
+    return &root;
+  for (struct inode *i = by_path[phash(path)]; i; i = i->next_p)
+    if (!strcmp(i->path, path))
+      return i;
+  return NULL;
+}
+
+static void unlink_path(struct inode *in) {
+  struct inode **pp = &by_path[phash(in->path)];
+  for (; *pp; pp = &(*pp)->next_p)
+    if (*pp == in) {
+      *pp = in->next_p;
+      return;
+    }
+}
+
+/* Finds or makes the inode of path and adds one lookup.  g.lock held. */
+static fuse_ino_t ino_ref(const char *path) {
+  struct inode *in = find_path(path);
+  if (!in) {
+    in = calloc(1, sizeof(*in));
+    if (!in || !(in->path = strdup(path))) {
+      free(in);
+      return 0;
+    }
+    in->ino = next_ino++;
+    in->next_i = by_ino[in->ino % NBUCKETS];
+    by_ino[in->ino % NBUCKETS] = in;
+    size_t h = phash(path);
+    in->next_p = by_path[h];
+    by_path[h] = in;
+  }
+  if (in != &root)
+    in->nlookup++;
+  return in->ino;
+}
+
+static void ino_forget(fuse_ino_t ino, uint64_t n) {
+  pthread_mutex_lock(&g.lock);
+  struct inode *in = find_ino(ino);
+  if (in && in != &root) {
+    in->nlookup = in->nlookup > n ? in->nlookup - n : 0;
+    if (!in->nlookup) {
+      struct inode **pp = &by_ino[ino % NBUCKETS];
+      for (; *pp; pp = &(*pp)->next_i)
+        if (*pp == in) {
+          *pp = in->next_i;
+          break;
+        }
+      unlink_path(in);
+      free(in->path);
+      free(in);
+    }
+  }
+  pthread_mutex_unlock(&g.lock);
+}
+
+/* Moves from (and everything below it) to to.  g.lock held. */
+static void ino_rename(const char *from, const char *to) {
+  size_t fl = strlen(from);
+  for (size_t b = 0; b < NBUCKETS; b++)
+    for (struct inode *i = by_ino[b]; i; i = i->next_i) {
+      if (strncmp(i->path, from, fl) || (i->path[fl] && i->path[fl] != '/'))
+        continue;
+      char *np = malloc(strlen(to) + strlen(i->path + fl) + 1);
+      if (!np)
+        continue;
+      sprintf(np, "%s%s", to, i->path + fl);
+      unlink_path(i);
+      free(i->path);
+      i->path = np;
+      size_t h = phash(np);
+      i->next_p = by_path[h];
+      by_path[h] = i;
+    }
+}
+
+fuse_ino_t cfs_inode_known(const char *path) {
+  pthread_mutex_lock(&g.lock);
+  struct inode *in = find_path(path);
+  fuse_ino_t ino = in && in->nlookup ? in->ino : 0;
+  pthread_mutex_unlock(&g.lock);
+  return ino;
+}
+
+/* Copy of the path of ino, or NULL. */
+static char *path_of(fuse_ino_t ino) {
+  pthread_mutex_lock(&g.lock);
+  struct inode *in = find_ino(ino);
+  char *p = in ? strdup(in->path) : NULL;
+  pthread_mutex_unlock(&g.lock);
+  return p;
+}
+
+static char *join(const char *dir, const char *name) {
+  char *p = malloc(strlen(dir) + strlen(name) + 2);
+  if (p)
+    sprintf(p, "%s%s%s", dir, *dir ? "/" : "", name);
+  return p;
+}
+
+/* ---------------------------------------------------------------- helpers */
+
+enum tree { T_ROOT, T_CONFIG, T_SERVICES, T_LOCKS, T_EVENTS, T_STATUS, T_NONE };
+
+/* The tree of a mount path and the path below the tree's top ("" at the top). */
+static enum tree split(const char *path, const char **rel) {
+  static const struct {
+    const char *name;
+    enum tree t;
+  } tops[] = {{"config", T_CONFIG},
+              {"services", T_SERVICES},
+              {"locks", T_LOCKS},
+              {"events", T_EVENTS},
+              {"status", T_STATUS}};
+  *rel = "";
+  if (!*path)
+    return T_ROOT;
+  for (size_t i = 0; i < sizeof(tops) / sizeof(tops[0]); i++) {
+    size_t n = strlen(tops[i].name);
+    if (!strncmp(path, tops[i].name, n) && (path[n] == 0 || path[n] == '/')) {
+      *rel = path[n] ? path + n + 1 : "";
+      return tops[i].t;
+    }
+  }
+  return T_NONE;
+}
+
+static int event_which(const char *rel) {
+  if (!strcmp(rel, "config"))
+    return S_CONFIG;
+  if (!strcmp(rel, "services"))
+    return S_SERVICES;
+  if (!strcmp(rel, "locks"))
+    return S_LOCKS;
+  return -1;
+}
+
+int cfs_errno(int e) {
+  switch (e) {
+  case COORD_OK:
+    return 0;
+  case COORD_EINVAL:
+  case COORD_EFORMAT:
+    return EINVAL;
+  case COORD_ENOMEM:
+    return ENOMEM;
+  case COORD_EACCES:
+  case COORD_EAUTH:
+    return EACCES;
+  case COORD_ENOTFOUND:
+    return ENOENT;
+  case COORD_ELOCKED:
+    return EAGAIN;
+  case COORD_ECONFLICT:
+    return EBUSY;
+  case COORD_ETOOBIG:
+    return EFBIG;
+  case COORD_ECANCELED:
+    return EINTR;
+  case COORD_EEXIST:
+    return EEXIST;
+  case COORD_ENOTSUP:
+    return ENOTSUP;
+  default:
+    return EIO;
+  }
+}
+
+void cfs_fill_stat(struct stat *st, mode_t mode, off_t size, const struct timespec *mtime) {
+  memset(st, 0, sizeof(*st));
+  st->st_mode = mode;
+  st->st_nlink = S_ISDIR(mode) ? 2 : 1;
+  st->st_size = size;
+  st->st_uid = g.o.uid;
+  st->st_gid = g.o.gid;
+  st->st_blksize = 4096;
+  st->st_blocks = (size + 511) / 512;
+  const struct timespec *t = mtime && mtime->tv_sec ? mtime : &g.started;
+  st->st_mtim = st->st_ctim = st->st_atim = *t;
+}
+
+int cfs_is_self(fuse_req_t req) {
+  return g.notifier_tid && fuse_req_ctx(req)->pid == g.notifier_tid;
+}
+
+static int do_stat(const char *path, struct stat *st) {
+  const char *rel;
+  mode_t ro_dir = S_IFDIR | 0555, ro_file = S_IFREG | 0444;
+  switch (split(path, &rel)) {
+  case T_ROOT:
+    cfs_fill_stat(st, S_IFDIR | 0755, 0, NULL);
+    return 0;
+  case T_CONFIG:
+    return config_stat(rel, st);
+  case T_SERVICES:
+    return services_stat(rel, st);
+  case T_LOCKS:
+    cfs_fill_stat(st, S_IFDIR | 0755, 0, NULL);
+    if (!*rel)
+      return 0;
+    cfs_fill_stat(st, S_IFREG | 0644, 0, NULL);
+    return locks_stat(rel, st);
+  case T_EVENTS:
+    if (!*rel) {
+      cfs_fill_stat(st, ro_dir, 0, NULL);
+      return 0;
+    }
+    if (event_which(rel) < 0)
+      return -ENOENT;
+    cfs_fill_stat(st, ro_file, 0, NULL);
+    return 0;
+  case T_STATUS:
+    if (*rel)
+      return -ENOTDIR;
+    cfs_fill_stat(st, ro_file, 0, NULL);
+    return 0;
+  default:
+    return -ENOENT;
+  }
+}
+
+/* Stat of path for the notifier's own request: a deleted name still answers
+ * as it was, so that its unlink/rmdir reaches the daemon. */
+static int self_stat(const char *path, struct stat *st) {
+  int rc = do_stat(path, st);
+  if (rc) {
+    int op = notifier_current(path);
+    if (op == J_UNLINK) {
+      cfs_fill_stat(st, S_IFREG | 0644, 0, NULL);
+      rc = 0;
+    } else if (op == J_RMDIR) {
+      cfs_fill_stat(st, S_IFDIR | 0755, 0, NULL);
+      rc = 0;
+    }
+  }
+  return rc;
+}
+
+static int reply_entry_for(fuse_req_t req, const char *path, struct stat *st, struct fuse_entry_param *e) {
+  memset(e, 0, sizeof(*e));
+  pthread_mutex_lock(&g.lock);
+  e->ino = ino_ref(path);
+  pthread_mutex_unlock(&g.lock);
+  if (!e->ino)
+    return -ENOMEM;
+  st->st_ino = e->ino;
+  e->attr = *st;
+  e->attr_timeout = ATTR_TIMEOUT;
+  e->entry_timeout = ENTRY_TIMEOUT;
+  return 0;
+}
+
+struct cfs_file *cfs_file_new(enum cfs_kind kind, const char *path) {
+  struct cfs_file *f = calloc(1, sizeof(*f));
+  if (!f)
+    return NULL;
+  f->kind = kind;
+  pthread_mutex_init(&f->lock, NULL);
+  f->path = strdup(path);
+  if (!f->path) {
+    free(f);
+    return NULL;
+  }
+  return f;
+}
+
+void cfs_file_free(struct cfs_file *f) {
+  if (!f)
+    return;
+  pthread_mutex_destroy(&f->lock);
+  free(f->path);
+  free(f->key);
+  free(f->buf);
+  free(f->snap);
+  free(f->dirbuf);
+  free(f);
+}
+
+static struct cfs_file *FH(struct fuse_file_info *fi) {
+  return fi ? (struct cfs_file *)(uintptr_t)fi->fh : NULL;
+}
+
+void cfs_reply_create(fuse_req_t req, const char *path, struct fuse_file_info *fi) {
+  struct stat st;
+  struct fuse_entry_param e;
+  int rc = do_stat(path, &st);
+  if (rc)
+    cfs_fill_stat(&st, S_IFREG | 0644, 0, NULL);
+  if (reply_entry_for(req, path, &st, &e)) {
+    fuse_reply_err(req, ENOMEM);
+    return;
+  }
+  if (fuse_reply_create(req, &e, fi) == -ENOENT)
+    ino_forget(e.ino, 1); /* the caller was interrupted */
+}
+
+/* ---------------------------------------------------------------- ops: names */
+
+static void op_init(void *userdata, struct fuse_conn_info *conn) {
+  (void)userdata;
+  if (conn->capable & FUSE_CAP_ATOMIC_O_TRUNC)
+    conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
+  conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+  conn->want &= ~FUSE_CAP_READDIRPLUS;
+  conn->want &= ~FUSE_CAP_READDIRPLUS_AUTO;
+  /* libfuse asks for both because the ops exist; the kernel keeps flock and
+   * POSIX locks locally unless locks.c wants them for /locks. */
+  conn->want &= ~(FUSE_CAP_FLOCK_LOCKS | FUSE_CAP_POSIX_LOCKS);
+  locks_conn_init(conn);
+}
+
+static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
+  CFS_COUNT(ops);
+  if (strlen(name) > 255) {
+    fuse_reply_err(req, ENAMETOOLONG);
+    return;
+  }
+  char *dir = path_of(parent);
+  char *path = dir ? join(dir, name) : NULL;
+  free(dir);
+  if (!path) {
+    fuse_reply_err(req, dir ? ENOMEM : ESTALE);
+    return;
+  }
+  struct stat st;
+  int rc;
+  if (cfs_is_self(req)) {
+    int op = notifier_current(path);
+    rc = (op == J_CREATE || op == J_MKDIR) ? -ENOENT : self_stat(path, &st);
+  } else {
+    rc = do_stat(path, &st);
+  }
+  struct fuse_entry_param e;
+  if (!rc)
+    rc = reply_entry_for(req, path, &st, &e);
+  if (rc)
+    fuse_reply_err(req, -rc);
+  else if (fuse_reply_entry(req, &e) == -ENOENT)
+    ino_forget(e.ino, 1);
+  free(path);
+}
+
+static void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
+  ino_forget(ino, nlookup);
+  fuse_reply_none(req);
+}
+
+static void op_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forgets) {
+  for (size_t i = 0; i < count; i++)
+    ino_forget(forgets[i].ino, forgets[i].nlookup);
+  fuse_reply_none(req);
+}
+
+static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+  CFS_COUNT(ops);
+  char *path = path_of(ino);
+  if (!path) {
+    fuse_reply_err(req, ESTALE);
+    return;
+  }
+  struct stat st;
+  int rc = cfs_is_self(req) ? self_stat(path, &st) : do_stat(path, &st);
+  struct cfs_file *f = FH(fi);
+  if (f && f->kind == FK_CONFIG && f->writable) {
+    pthread_mutex_lock(&f->lock);
+    if (rc) /* created, not committed yet */
+      cfs_fill_stat(&st, S_IFREG | 0644, 0, NULL), rc = 0;
+    st.st_size = (off_t)f->len;
+    pthread_mutex_unlock(&f->lock);
+  }
+  st.st_ino = ino;
+  if (rc)
+    fuse_reply_err(req, -rc);
+  else
+    fuse_reply_attr(req, &st, ATTR_TIMEOUT);
+  free(path);
+}
+
+static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+                       struct fuse_file_info *fi) {
+  CFS_COUNT(ops);
+  char *path = path_of(ino);
+  if (!path) {
+    fuse_reply_err(req, ESTALE);
+    return;
+  }
+  const char *rel;
+  enum tree t = split(path, &rel);
+  struct cfs_file *f = FH(fi);
+  int rc = 0;
+  if (!cfs_is_self(req) && (to_set & FUSE_SET_ATTR_SIZE)) {
+    if (g.o.ro)
+      rc = -EROFS;
+    else if (t == T_CONFIG) {
+      if (f)
+        pthread_mutex_lock(&f->lock);
+      rc = config_truncate(f && f->kind == FK_CONFIG ? f : NULL, rel, attr->st_size);
+      if (f)
+        pthread_mutex_unlock(&f->lock);
+    } else if (t == T_SERVICES && f && f->kind == FK_SERVICE) {
+      pthread_mutex_lock(&f->lock);
+      if ((size_t)attr->st_size < f->len)
+        f->len = (size_t)attr->st_size;
+      pthread_mutex_unlock(&f->lock);
+    } else if (f && f->kind == FK_LOCK) {
+      rc = 0; /* `exec 9>lock` truncates: nothing to do */
+    } else {
+      rc = -EACCES;
+    }
+  }
+  /* mode, owner and times are not stored: they are accepted and ignored */
+  struct stat st;
+  if (!rc)
+    rc = cfs_is_self(req) ? self_stat(path, &st) : do_stat(path, &st);
+  if (f && f->kind == FK_CONFIG && f->writable) {
+    if (rc == -ENOENT)
+      cfs_fill_stat(&st, S_IFREG | 0644, 0, NULL), rc = 0;
+    st.st_size = (off_t)f->len;
+  }
+  st.st_ino = ino;
+  if (rc)
+    fuse_reply_err(req, -rc);
+  else
+    fuse_reply_attr(req, &st, ATTR_TIMEOUT);
+  free(path);
+}
+
+/* Makes a name (mkdir) and answers with its entry. */
+static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode) {
+  (void)mode;
+  CFS_COUNT(ops);
+  char *dir = path_of(parent);
+  char *path = dir ? join(dir, name) : NULL;
+  free(dir);
+  if (!path) {
+    fuse_reply_err(req, ENOMEM);
+    return;
+  }
+  const char *rel;
+  enum tree t = split(path, &rel);
+  int rc;
+  if (cfs_is_self(req))
+    rc = 0;
+  else if (g.o.ro)
+    rc = -EROFS;
+  else if (t == T_CONFIG)
+    rc = config_mkdir(rel);
+  else
+    rc = -EPERM;
+  struct stat st;
+  struct fuse_entry_param e;
+  if (!rc) {
+    if (do_stat(path, &st))
+      cfs_fill_stat(&st, S_IFDIR | 0755, 0, NULL);
+    rc = reply_entry_for(req, path, &st, &e);
+  }
+  if (rc)
+    fuse_reply_err(req, -rc);
+  else if (fuse_reply_entry(req, &e) == -ENOENT)
+    ino_forget(e.ino, 1);
+  free(path);
+}
+
+static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name) {
+  CFS_COUNT(ops);
+  char *dir = path_of(parent);
+  char *path = dir ? join(dir, name) : NULL;
+  free(dir);
+  if (!path) {
+    fuse_reply_err(req, ENOMEM);
+    return;
+  }
+  const char *rel;
+  enum tree t = split(path, &rel);
+  int rc;
+  if (cfs_is_self(req))
+    rc = 0;
+  else if (g.o.ro)
+    rc = -EROFS;
+  else if (t == T_CONFIG)
+    rc = config_unlink(rel);
+  else if (t == T_SERVICES)
+    rc = services_unlink(rel);
+  else if (t == T_LOCKS && *rel)
+    rc = locks_unlink(rel);
+  else
+    rc = -EPERM;
+  fuse_reply_err(req, -rc);
+  free(path);
+}
+
+static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name) {
+  CFS_COUNT(ops);
+  char *dir = path_of(parent);
+  char *path = dir ? join(dir, name) : NULL;
+  free(dir);
+  if (!path) {
+    fuse_reply_err(req, ENOMEM);
+    return;
+  }
+  const char *rel;
+  enum tree t = split(path, &rel);
+  int rc;
+  if (cfs_is_self(req))
+    rc = 0;
+  else if (g.o.ro)
+    rc = -EROFS;
+  else if (t == T_CONFIG && *rel)
+    rc = config_rmdir(rel);
+  else
+    rc = -EPERM;
+  fuse_reply_err(req, -rc);
+  free(path);
+}
+
+static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
+                      const char *newname, unsigned int flags) {
+  CFS_COUNT(ops);
+  char *d1 = path_of(parent), *d2 = path_of(newparent);
+  char *from = d1 ? join(d1, name) : NULL, *to = d2 ? join(d2, newname) : NULL;
+  free(d1);
+  free(d2);
+  int rc;
+  const char *r1, *r2;
+  if (!from || !to)
+    rc = -ENOMEM;
+  else if (g.o.ro)
+    rc = -EROFS;
+  else if (split(from, &r1) != T_CONFIG || split(to, &r2) != T_CONFIG || !*r1 || !*r2)
+    rc = -EXDEV;
+  else
+    rc = config_rename(r1, r2, flags);
+  if (!rc) {
+    pthread_mutex_lock(&g.lock);
+    ino_rename(from, to);
+    pthread_mutex_unlock(&g.lock);
+  }
+  fuse_reply_err(req, -rc);
+  free(from);
+  free(to);
+}
+
+/* ---------------------------------------------------------------- ops: files */
+
+/* Opens path (create: O_CREAT of a new name).  Answers the request unless
+ * the file belongs to /locks, whose hook answers it. */
+static void open_path(fuse_req_t req, const char *path, struct fuse_file_info *fi, int create) {
+  const char *rel;
+  enum tree t = split(path, &rel);
+  int rc = 0;
+  struct cfs_file *f = NULL;
+  int writable = (fi->flags & O_ACCMODE) != O_RDONLY;
+  if (cfs_is_self(req)) {
+    f = cfs_file_new(FK_NOTIFY, path);
+    if (!f)
+      rc = -ENOMEM;
+    fi->keep_cache = 1;
+  } else if (writable && g.o.ro) {
+    rc = -EROFS;
+  } else {
+    switch (t) {
+    case T_CONFIG:
+      f = cfs_file_new(FK_CONFIG, path);
+      rc = f ? config_open(rel, f, fi->flags, create) : -ENOMEM;
+      fi->keep_cache = 1;
+      break;
+    case T_SERVICES:
+      f = cfs_file_new(FK_SERVICE, path);
+      rc = f ? services_open(rel, f, fi->flags, create) : -ENOMEM;
+      fi->direct_io = 1;
+      break;
+    case T_EVENTS:
+      if (writable || create) {
+        rc = -EACCES;
+        break;
+      }
+      f = cfs_file_new(FK_EVENTS, path);
+      rc = f ? events_open(f, event_which(rel), fi->flags & O_NONBLOCK) : -ENOMEM;
+      fi->direct_io = 1;
+      fi->nonseekable = 1;
+      break;
+    case T_STATUS:
+      if (writable || create) {
+        rc = -EACCES;
+        break;
+      }
+      f = cfs_file_new(FK_STATUS, path);
+      rc = f ? status_snapshot(&f->snap, &f->snap_len) : -ENOMEM;
+      fi->direct_io = 1;
+      break;
+    case T_LOCKS:
+      if (!*rel) {
+        rc = -EISDIR;
+        break;
+      }
+      f = cfs_file_new(FK_LOCK, path);
+      if (!f) {
+        rc = -ENOMEM;
+        break;
+      }
+      f->writable = writable;
+      fi->fh = (uintptr_t)f;
+      fi->direct_io = 1;
+      locks_open(req, rel, f, fi, create); /* answers req */
+      return;
+    default:
+      rc = create ? -EACCES : -EISDIR;
+    }
+  }
+  if (rc) {
+    if (f && f->kind == FK_CONFIG)
+      config_release(f);
+    cfs_file_free(f);
+    fuse_reply_err(req, -rc);
+    return;
+  }
+  f->writable = writable;
+  fi->fh = (uintptr_t)f;
+  if (create) {
+    cfs_reply_create(req, path, fi);
+  } else if (fuse_reply_open(req, fi) == -ENOENT) {
+    /* interrupted: the kernel will not send release */
+    if (f->kind == FK_CONFIG)
+      config_release(f);
+    else if (f->kind == FK_SERVICE)
+      services_release(f);
+    else if (f->kind == FK_EVENTS)
+      events_release(f);
+    cfs_file_free(f);
+  }
+}
+
+static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+  CFS_COUNT(ops);
+  char *path = path_of(ino);
+  if (!path) {
+    fuse_reply_err(req, ESTALE);
+    return;
+  }
+  open_path(req, path, fi, 0);
+  free(path);
+}
+
+static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                      struct fuse_file_info *fi) {
+  (void)mode;
+  CFS_COUNT(ops);
+  char *dir = path_of(parent);
+  char *path = dir ? join(dir, name) : NULL;
+  free(dir);
+  if (!path) {
+    fuse_reply_err(req, ENOMEM);
+    return;
+  }
+  if (strlen(name) > 255)
+    fuse_reply_err(req, ENAMETOOLONG);
+  else
+    open_path(req, path, fi, 1);
+  free(path);
+}
+
+static void reply_data(fuse_req_t req, int rc, char *data, size_t len) {
+  if (rc < 0)
+    fuse_reply_err(req, -rc);
+  else
+    fuse_reply_buf(req, data, len);
+  free(data);
+}
+
+static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
+  (void)ino;
+  CFS_COUNT(ops);
+  struct cfs_file *f = FH(fi);
+  char *data = NULL;
+  size_t len = 0;
+  int rc = 0;
+  switch (f->kind) {
+  case FK_CONFIG:
+    pthread_mutex_lock(&f->lock);
+    rc = config_read(f, size, off, &data, &len);
+    pthread_mutex_unlock(&f->lock);
+    break;
+  case FK_SERVICE:
+    pthread_mutex_lock(&f->lock);
+    rc = services_read(f, size, off, &data, &len);
+    pthread_mutex_unlock(&f->lock);
+    break;
+  case FK_STATUS:
+    if ((size_t)off < f->snap_len) {
+      len = f->snap_len - (size_t)off < size ? f->snap_len - (size_t)off : size;
+      fuse_reply_buf(req, f->snap + off, len);
+    } else {
+      fuse_reply_buf(req, NULL, 0);
+    }
+    return;
+  case FK_EVENTS:
+    events_read(req, f, size, fi->flags & O_NONBLOCK);
+    return;
+  case FK_LOCK:
+    locks_read(req, f, size, off);
+    return;
+  default:
+    break;
+  }
+  reply_data(req, rc, data, len);
+}
+
+static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+                     struct fuse_file_info *fi) {
+  (void)ino;
+  CFS_COUNT(ops);
+  struct cfs_file *f = FH(fi);
+  int rc;
+  switch (f->kind) {
+  case FK_NOTIFY:
+    rc = (int)size;
+    break;
+  case FK_CONFIG:
+    pthread_mutex_lock(&f->lock);
+    rc = config_write(f, buf, size, off);
+    pthread_mutex_unlock(&f->lock);
+    break;
+  case FK_SERVICE:
+    pthread_mutex_lock(&f->lock);
+    rc = services_write(f, buf, size, off);
+    pthread_mutex_unlock(&f->lock);
+    break;
+  case FK_LOCK:
+    locks_write(req, f, buf, size, off);
+    return;
+  default:
+    rc = -EBADF;
+  }
+  if (rc < 0)
+    fuse_reply_err(req, -rc);
+  else
+    fuse_reply_write(req, (size_t)rc);
+}
+
+static int commit(struct cfs_file *f) {
+  int rc = 0;
+  pthread_mutex_lock(&f->lock);
+  if (f->kind == FK_CONFIG)
+    rc = config_commit(f);
+  else if (f->kind == FK_SERVICE)
+    rc = services_flush(f);
+  pthread_mutex_unlock(&f->lock);
+  return rc;
+}
+
+static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+  (void)ino;
+  CFS_COUNT(ops);
+  struct cfs_file *f = FH(fi);
+  if (f->kind == FK_LOCK) {
+    locks_flush(req, f);
+    return;
+  }
+  fuse_reply_err(req, -commit(f));
+}
+
+static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi) {
+  (void)ino;
+  (void)datasync;
+  CFS_COUNT(ops);
+  struct cfs_file *f = FH(fi);
+  fuse_reply_err(req, f->kind == FK_LOCK ? 0 : -commit(f));
+}
+
+static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+  (void)ino;
+  struct cfs_file *f = FH(fi);
+  pthread_mutex_lock(&f->lock);
+  switch (f->kind) {
+  case FK_CONFIG:
+    config_release(f);
+    break;
+  case FK_SERVICE:
+    services_release(f);
+    break;
+  case FK_EVENTS:
+    events_release(f);
+    break;
+  case FK_LOCK:
+    locks_release(f);
+    break;
+  default:
+    break;
+  }
+  pthread_mutex_unlock(&f->lock);
+  cfs_file_free(f);
+  fuse_reply_err(req, 0);
+}
+
+static void op_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, struct fuse_pollhandle *ph) {
+  (void)ino;
+  struct cfs_file *f = FH(fi);
+  if (f->kind == FK_EVENTS) {
+    events_poll(req, f, ph);
+    return;
+  }
+  if (f->kind == FK_LOCK) {
+    locks_poll(req, f, ph);
+    return;
+  }
+  if (ph)
+    fuse_pollhandle_destroy(ph);
+  fuse_reply_poll(req, POLLIN | POLLOUT | POLLRDNORM | POLLWRNORM);
+}
+
+static void op_flock(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, int op) {
+  (void)ino;
+  struct cfs_file *f = FH(fi);
+  if (f->kind == FK_LOCK)
+    locks_flock(req, f, op);
+  else
+    fuse_reply_err(req, 0); /* advisory locks outside /locks are not kept */
+}
+
+static void op_getlk(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, struct flock *lock) {
+  (void)ino;
+  struct cfs_file *f = FH(fi);
+  if (f->kind == FK_LOCK) {
+    locks_getlk(req, f, lock);
+    return;
+  }
+  lock->l_type = F_UNLCK;
+  fuse_reply_lock(req, lock);
+}
+
+static void op_setlk(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, struct flock *lock,
+                     int sleep) {
+  (void)ino;
+  struct cfs_file *f = FH(fi);
+  if (f->kind == FK_LOCK)
+    locks_setlk(req, f, lock, sleep);
+  else
+    fuse_reply_err(req, 0);
+}
+
+/* ---------------------------------------------------------------- ops: directories */
+
+struct dirfill {
+  fuse_req_t req;
+  const char *dir;
+  char *buf;
+  size_t len, cap;
+  int err;
+};
+
+static void dir_add(const char *name, mode_t mode, void *arg) {
+  struct dirfill *d = arg;
+  struct stat st = {.st_mode = mode};
+  char *path = join(d->dir, name);
+  if (!path) {
+    d->err = ENOMEM;
+    return;
+  }
+  fuse_ino_t ino = cfs_inode_known(path);
+  if (!ino) { /* a stable number for a name the kernel has not looked up */
+    uint64_t h = 1469598103934665603ull;
+    for (const char *s = path; *s; s++)
+      h = (h ^ (unsigned char)*s) * 1099511628211ull;
+    ino = (h | (1ull << 62)) & ~(1ull << 63);
+  }
+  free(path);
+  st.st_ino = ino;
+  size_t need = fuse_add_direntry(d->req, NULL, 0, name, NULL, 0);
+  if (d->len + need > d->cap) {
+    size_t cap = d->cap ? d->cap * 2 : 4096;
+    while (cap < d->len + need)
+      cap *= 2;
+    char *b = realloc(d->buf, cap);
+    if (!b) {
+      d->err = ENOMEM;
+      return;
+    }
+    d->buf = b;
+    d->cap = cap;
+  }
+  fuse_add_direntry(d->req, d->buf + d->len, need, name, &st, (off_t)(d->len + need));
+  d->len += need;
+}
+
+static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+  CFS_COUNT(ops);
+  char *path = path_of(ino);
+  if (!path) {
+    fuse_reply_err(req, ESTALE);
+    return;
+  }
+  struct dirfill d = {.req = req, .dir = path};
+  dir_add(".", S_IFDIR, &d);
+  dir_add("..", S_IFDIR, &d);
+  const char *rel;
+  int rc = 0;
+  switch (split(path, &rel)) {
+  case T_ROOT:
+    dir_add("config", S_IFDIR, &d);
+    dir_add("services", S_IFDIR, &d);
+    dir_add("locks", S_IFDIR, &d);
+    dir_add("events", S_IFDIR, &d);
+    dir_add("status", S_IFREG, &d);
+    break;
+  case T_CONFIG:
+    rc = config_list(rel, dir_add, &d);
+    break;
+  case T_SERVICES:
+    rc = services_list(rel, dir_add, &d);
+    break;
+  case T_LOCKS:
+    rc = *rel ? -ENOTDIR : locks_list(dir_add, &d);
+    break;
+  case T_EVENTS:
+    if (*rel) {
+      rc = -ENOTDIR;
+      break;
+    }
+    dir_add("config", S_IFREG, &d);
+    dir_add("services", S_IFREG, &d);
+    dir_add("locks", S_IFREG, &d);
+    break;
+  default:
+    rc = -ENOTDIR;
+  }
+  if (!rc && d.err)
+    rc = -d.err;
+  struct cfs_file *f = rc ? NULL : cfs_file_new(FK_DIR, path);
+  if (!rc && !f)
+    rc = -ENOMEM;
+  free(path);
+  if (rc) {
+    free(d.buf);
+    fuse_reply_err(req, -rc);
+    return;
+  }
+  f->dirbuf = d.buf;
+  f->dirlen = d.len;
+  fi->fh = (uintptr_t)f;
+  if (fuse_reply_open(req, fi) == -ENOENT)
+    cfs_file_free(f);
+}
+
+static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
+  (void)ino;
+  struct cfs_file *f = FH(fi);
+  if ((size_t)off >= f->dirlen)
+    fuse_reply_buf(req, NULL, 0);
+  else
+    fuse_reply_buf(req, f->dirbuf + off, f->dirlen - (size_t)off < size ? f->dirlen - (size_t)off : size);
+}
+
+static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+  (void)ino;
+  cfs_file_free(FH(fi));
+  fuse_reply_err(req, 0);
+}
+
+/* ---------------------------------------------------------------- ops: xattrs, statfs */
+
+static void xattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
+  CFS_COUNT(ops);
+  char *path = path_of(ino);
+  if (!path) {
+    fuse_reply_err(req, ESTALE);
+    return;
+  }
+  char *buf = size ? malloc(size) : NULL;
+  const char *rel;
+  int rc;
+  switch (split(path, &rel)) {
+  case T_CONFIG:
+    rc = *rel ? config_xattr(rel, name, buf, size) : (name ? -ENODATA : 0);
+    break;
+  case T_SERVICES:
+    rc = services_xattr(rel, name, buf, size);
+    break;
+  default:
+    rc = name ? -ENODATA : 0;
+  }
+  if (rc < 0)
+    fuse_reply_err(req, -rc);
+  else if (!size)
+    fuse_reply_xattr(req, (size_t)rc);
+  else
+    fuse_reply_buf(req, buf, (size_t)rc);
+  free(buf);
+  free(path);
+}
+
+static void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
+  xattr(req, ino, name, size);
+}
+
+static void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
+  xattr(req, ino, NULL, size);
+}
+
+static void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value, size_t size,
+                        int flags) {
+  (void)ino, (void)name, (void)value, (void)size, (void)flags;
+  fuse_reply_err(req, ENOTSUP);
+}
+
+static void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name) {
+  (void)ino, (void)name;
+  fuse_reply_err(req, ENOTSUP);
+}
+
+static void op_statfs(fuse_req_t req, fuse_ino_t ino) {
+  (void)ino;
+  struct statvfs sv = {.f_bsize = 4096, .f_frsize = 4096, .f_namemax = 255};
+  fuse_reply_statfs(req, &sv);
+}
+
+const struct fuse_lowlevel_ops cfs_ops = {
+    .init = op_init,
+    .lookup = op_lookup,
+    .forget = op_forget,
+    .forget_multi = op_forget_multi,
+    .getattr = op_getattr,
+    .setattr = op_setattr,
+    .mkdir = op_mkdir,
+    .unlink = op_unlink,
+    .rmdir = op_rmdir,
+    .rename = op_rename,
+    .open = op_open,
+    .create = op_create,
+    .read = op_read,
+    .write = op_write,
+    .flush = op_flush,
+    .fsync = op_fsync,
+    .release = op_release,
+    .poll = op_poll,
+    .flock = op_flock,
+    .getlk = op_getlk,
+    .setlk = op_setlk,
+    .opendir = op_opendir,
+    .readdir = op_readdir,
+    .releasedir = op_releasedir,
+    .getxattr = op_getxattr,
+    .listxattr = op_listxattr,
+    .setxattr = op_setxattr,
+    .removexattr = op_removexattr,
+    .statfs = op_statfs,
+};

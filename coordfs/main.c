@@ -1,0 +1,411 @@
+/*
+ * main.c — `coordfs [options] MOUNTPOINT`: options, daemonizing, start-up
+ * and shut-down.
+ *
+ * Start-up order matters:
+ *   1. parse options, read the password (file or $COORD_PASSWORD; never argv),
+ *      check the mount point;
+ *   2. unless -f/-d: fork.  The parent waits on a pipe for the child's
+ *      verdict and exits with it, so `coordfs` returns non-zero with the
+ *      child's message when etcd cannot be reached or the mount fails.
+ *      The fork happens before gRPC is initialised (coord_new), because
+ *      fork() after grpc_init() breaks gRPC;
+ *   3. coord_new (connects, checks etcd answers), load the caches, open the
+ *      watches, start the watch and notifier threads, mount;
+ *   4. tell the parent, detach stdio, run the multi-threaded FUSE loop.
+ * SIGTERM/SIGINT/SIGHUP end the loop (libfuse's handlers, which run on the
+ * main thread: every other thread is created with them blocked); then
+ * coordfs stops its threads, unmounts and closes the client, which revokes
+ * the leases of open registrations.  `fusermount3 -u` ends the loop too.
+ */
+#include "coordfs.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <fuse_opt.h>
+
+enum { KEY_HELP, KEY_VERSION, KEY_FG, KEY_DEBUG, KEY_RO, KEY_ALLOW_OTHER, KEY_DEFPERM, KEY_IGNORE };
+
+struct raw {
+  char *lock_ttl, *service_ttl, *timeout;
+  int uid, gid;
+  int nonopts;
+  char *first_nonopt;
+};
+static struct raw raw = {.uid = -1, .gid = -1};
+
+#define O(t, f)                                                                                              \
+  { t, offsetof(struct cfs_opts, f), 0 }
+#define R(t, f)                                                                                              \
+  { t, offsetof(struct raw, f), 0 }
+
+static const struct fuse_opt opts_spec[] = {
+    O("--endpoints=%s", endpoints),
+    O("--endpoints %s", endpoints),
+    O("endpoints=%s", endpoints),
+    O("--user=%s", user),
+    O("--user %s", user),
+    O("user=%s", user),
+    O("--password-file=%s", password_file),
+    O("--password-file %s", password_file),
+    O("password-file=%s", password_file),
+    O("password_file=%s", password_file),
+    O("--cacert=%s", cacert),
+    O("--cacert %s", cacert),
+    O("cacert=%s", cacert),
+    O("--cert=%s", cert),
+    O("--cert %s", cert),
+    O("cert=%s", cert),
+    O("--key=%s", key),
+    O("--key %s", key),
+    O("key=%s", key),
+    O("--prefix=%s", prefix),
+    O("--prefix %s", prefix),
+    O("prefix=%s", prefix),
+    FUSE_OPT_END,
+};
+
+static const struct fuse_opt raw_spec[] = {
+    R("--lock-ttl=%s", lock_ttl),
+    R("--lock-ttl %s", lock_ttl),
+    R("lock-ttl=%s", lock_ttl),
+    R("lock_ttl=%s", lock_ttl),
+    R("--service-ttl=%s", service_ttl),
+    R("--service-ttl %s", service_ttl),
+    R("service-ttl=%s", service_ttl),
+    R("service_ttl=%s", service_ttl),
+    R("--timeout=%s", timeout),
+    R("--timeout %s", timeout),
+    R("timeout=%s", timeout),
+    R("uid=%d", uid),
+    R("gid=%d", gid),
+    FUSE_OPT_END,
+};
+
+static const struct fuse_opt key_spec[] = {
+    FUSE_OPT_KEY("-h", KEY_HELP),
+    FUSE_OPT_KEY("--help", KEY_HELP),
+    FUSE_OPT_KEY("-V", KEY_VERSION),
+    FUSE_OPT_KEY("--version", KEY_VERSION),
+    FUSE_OPT_KEY("-f", KEY_FG),
+    FUSE_OPT_KEY("-d", KEY_DEBUG),
+    FUSE_OPT_KEY("debug", KEY_DEBUG),
+    FUSE_OPT_KEY("ro", KEY_RO),
+    FUSE_OPT_KEY("allow_other", KEY_ALLOW_OTHER),
+    FUSE_OPT_KEY("default_permissions", KEY_DEFPERM),
+    /* fstab words that are not FUSE options */
+    FUSE_OPT_KEY("_netdev", KEY_IGNORE),
+    FUSE_OPT_KEY("noauto", KEY_IGNORE),
+    FUSE_OPT_KEY("auto", KEY_IGNORE),
+    FUSE_OPT_KEY("nofail", KEY_IGNORE),
+    FUSE_OPT_KEY("user", KEY_IGNORE),
+    FUSE_OPT_KEY("users", KEY_IGNORE),
+    FUSE_OPT_KEY("defaults", KEY_IGNORE),
+    FUSE_OPT_KEY("rw", KEY_IGNORE),
+    FUSE_OPT_END,
+};
+
+static void usage(FILE *f) {
+  fprintf(
+      f,
+      "usage: coordfs [options] MOUNTPOINT\n"
+      "\n"
+      "  --endpoints=E        etcd endpoints, comma-separated (default $COORD_ENDPOINTS or localhost:2379)\n"
+      "  --user=NAME          etcd user (password from --password-file or $COORD_PASSWORD)\n"
+      "  --password-file=F    file whose first line is the password\n"
+      "  --cacert=F --cert=F --key=F   TLS\n"
+      "  --prefix=P           namespace prefix before every key\n"
+      "  --lock-ttl=T         lease TTL of locks taken through /locks (default 10s)\n"
+      "  --service-ttl=T      lease TTL of registrations through /services (default 10s)\n"
+      "  --timeout=T          deadline of each etcd call (default 5s)\n"
+      "  -f                   stay in the foreground\n"
+      "  -d                   debug (implies -f)\n"
+      "  -o OPT[,OPT...]      each option above as name=value, and ro, allow_other,\n"
+      "                       default_permissions, uid=N, gid=N\n"
+      "  T is a number of seconds, or a number with the suffix ms or s.\n");
+}
+
+static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outargs) {
+  (void)data, (void)outargs;
+  switch (key) {
+  case KEY_HELP:
+    usage(stdout);
+    exit(0);
+  case KEY_VERSION:
+    printf("coordfs %d.%d.%d (libfuse %s)\n", COORD_VERSION_MAJOR, COORD_VERSION_MINOR, COORD_VERSION_PATCH,
+           fuse_pkgversion());
+    exit(0);
+  case KEY_FG:
+    g.o.foreground = 1;
+    return 0;
+  case KEY_DEBUG:
+    g.o.debug = g.o.foreground = 1;
+    return 1; /* libfuse prints every request */
+  case KEY_RO:
+    g.o.ro = 1;
+    return 1;
+  case KEY_ALLOW_OTHER:
+    g.o.allow_other = 1;
+    return 1;
+  case KEY_DEFPERM:
+    g.o.default_permissions = 1;
+    return 1;
+  case KEY_IGNORE:
+    return 0;
+  case FUSE_OPT_KEY_NONOPT:
+    raw.nonopts++;
+    if (raw.nonopts == 1) {
+      raw.first_nonopt = strdup(arg);
+    } else if (raw.nonopts == 2) {
+      /* `mount -t fuse.coordfs SOURCE DIR`: the source is the endpoints */
+      if (!g.o.endpoints && raw.first_nonopt && strchr(raw.first_nonopt, ':'))
+        g.o.endpoints = raw.first_nonopt;
+      else
+        free(raw.first_nonopt);
+      raw.first_nonopt = strdup(arg);
+    } else {
+      fprintf(stderr, "coordfs: unexpected argument '%s'\n", arg);
+      exit(2);
+    }
+    return 0;
+  default:
+    return 1;
+  }
+}
+
+/* "10", "10s", "500ms" -> ms; -1 if malformed. */
+static int parse_ms(const char *s) {
+  char *end;
+  double v = strtod(s, &end);
+  if (end == s || v < 0)
+    return -1;
+  if (!*end || !strcmp(end, "s"))
+    return (int)(v * 1000);
+  if (!strcmp(end, "ms"))
+    return (int)v;
+  return -1;
+}
+
+static char *read_password(const char *file) {
+  FILE *f = fopen(file, "r");
+  if (!f)
+    return NULL;
+  char buf[1024];
+  char *line = fgets(buf, sizeof(buf), f);
+  fclose(f);
+  if (!line)
+    return strdup("");
+  buf[strcspn(buf, "\r\n")] = 0;
+  return strdup(buf);
+}
+
+static int ready_fd = -1;
+
+/* Tells the waiting parent how start-up went (0: mounted). */
+static void report(int code) {
+  if (ready_fd >= 0) {
+    unsigned char c = (unsigned char)code;
+    if (write(ready_fd, &c, 1) < 0) {
+      /* the parent is gone: nothing to tell */
+    }
+    close(ready_fd);
+    ready_fd = -1;
+  }
+}
+
+static void fail(int code) {
+  report(code);
+  exit(code);
+}
+
+/* Forks; the parent waits for the child's report and exits with it. */
+static void daemonize(void) {
+  int p[2];
+  if (pipe(p)) {
+    perror("coordfs: pipe");
+    exit(1);
+  }
+  pid_t pid = fork();
+  if (pid < 0) {
+    perror("coordfs: fork");
+    exit(1);
+  }
+  if (pid > 0) {
+    close(p[1]);
+    unsigned char c;
+    ssize_t n;
+    do
+      n = read(p[0], &c, 1);
+    while (n < 0 && errno == EINTR);
+    _exit(n == 1 ? c : 1);
+  }
+  close(p[0]);
+  ready_fd = p[1];
+  setsid();
+}
+
+static void detach_stdio(void) {
+  int fd = open("/dev/null", O_RDWR);
+  if (fd >= 0) {
+    dup2(fd, 0);
+    dup2(fd, 1);
+    dup2(fd, 2);
+    if (fd > 2)
+      close(fd);
+  }
+}
+
+int main(int argc, char **argv) {
+  struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
+  clock_gettime(CLOCK_REALTIME, &g.started);
+  pthread_mutex_init(&g.lock, NULL);
+  g.config.prefix = "/config/";
+  g.services.prefix = "/services/";
+  g.o.lock_ttl_ms = 10000;
+  g.o.service_ttl_ms = 10000;
+
+  if (fuse_opt_parse(&args, &g.o, opts_spec, NULL) || fuse_opt_parse(&args, &raw, raw_spec, NULL) ||
+      fuse_opt_parse(&args, NULL, key_spec, opt_proc)) {
+    usage(stderr);
+    return 2;
+  }
+  if (!raw.first_nonopt) {
+    fprintf(stderr, "coordfs: no mount point given\n");
+    usage(stderr);
+    return 2;
+  }
+  if (raw.lock_ttl && (g.o.lock_ttl_ms = parse_ms(raw.lock_ttl)) <= 0) {
+    fprintf(stderr, "coordfs: bad --lock-ttl '%s'\n", raw.lock_ttl);
+    return 2;
+  }
+  if (raw.service_ttl && (g.o.service_ttl_ms = parse_ms(raw.service_ttl)) <= 0) {
+    fprintf(stderr, "coordfs: bad --service-ttl '%s'\n", raw.service_ttl);
+    return 2;
+  }
+  if (raw.timeout && (g.o.timeout_ms = parse_ms(raw.timeout)) <= 0) {
+    fprintf(stderr, "coordfs: bad --timeout '%s'\n", raw.timeout);
+    return 2;
+  }
+  g.o.uid = raw.uid >= 0 ? (unsigned)raw.uid : getuid();
+  g.o.gid = raw.gid >= 0 ? (unsigned)raw.gid : getgid();
+  if (g.o.password_file) {
+    g.o.password = read_password(g.o.password_file);
+    if (!g.o.password) {
+      fprintf(stderr, "coordfs: cannot read password file %s: %s\n", g.o.password_file, strerror(errno));
+      return 1;
+    }
+  } else if (getenv("COORD_PASSWORD")) {
+    g.o.password = strdup(getenv("COORD_PASSWORD"));
+  }
+  if (!g.o.endpoints)
+    g.o.endpoints = getenv("COORD_ENDPOINTS") ? strdup(getenv("COORD_ENDPOINTS")) : strdup("localhost:2379");
+
+  char real[PATH_MAX];
+  struct stat st;
+  if (!realpath(raw.first_nonopt, real) || stat(real, &st)) {
+    fprintf(stderr, "coordfs: mount point %s: %s\n", raw.first_nonopt, strerror(errno));
+    return 1;
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    fprintf(stderr, "coordfs: mount point %s: not a directory\n", raw.first_nonopt);
+    return 1;
+  }
+  g.o.mountpoint = strdup(real);
+  fuse_opt_add_arg(&args, "-o");
+  fuse_opt_add_arg(&args, "fsname=coordfs,subtype=coordfs");
+
+  if (!g.o.foreground)
+    daemonize(); /* before gRPC exists */
+
+  /* Every thread made from here on (libcoord's, the watch thread, the
+   * notifier, libfuse's workers) has the termination signals blocked, so
+   * that libfuse's handlers run on this thread. */
+  sigset_t block, old;
+  sigemptyset(&block);
+  sigaddset(&block, SIGINT);
+  sigaddset(&block, SIGTERM);
+  sigaddset(&block, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &block, &old);
+  signal(SIGPIPE, SIG_IGN);
+
+  coord_config_t cfg = coord_default_config();
+  cfg.endpoints = g.o.endpoints;
+  cfg.username = g.o.user;
+  cfg.password = g.o.password;
+  cfg.ca_file = g.o.cacert;
+  cfg.cert_file = g.o.cert;
+  cfg.key_file = g.o.key;
+  cfg.prefix = g.o.prefix ? g.o.prefix : "";
+  if (g.o.timeout_ms > 0) {
+    cfg.timeout_ms = g.o.timeout_ms;
+    cfg.dial_timeout_ms = g.o.timeout_ms;
+  }
+  int rc = coord_new(&cfg, &g.c);
+  if (rc) {
+    fprintf(stderr, "coordfs: cannot reach etcd at %s: %s%s%s\n", g.o.endpoints, coord_strerror(rc),
+            *coord_last_error() ? ": " : "", coord_last_error());
+    fail(1);
+  }
+  if ((rc = config_load()) || (rc = services_load())) {
+    fprintf(stderr, "coordfs: cannot read from etcd at %s: %s%s%s\n", g.o.endpoints, coord_strerror(rc),
+            *coord_last_error() ? ": " : "", coord_last_error());
+    fail(1);
+  }
+  if ((rc = locks_init())) {
+    fprintf(stderr, "coordfs: /locks: %s\n", coord_strerror(rc));
+    fail(1);
+  }
+
+  struct fuse_session *se = fuse_session_new(&args, &cfs_ops, sizeof(cfs_ops), NULL);
+  if (!se) {
+    fprintf(stderr, "coordfs: bad FUSE options\n");
+    fail(1);
+  }
+  g.se = se;
+  if (fuse_set_signal_handlers(se)) {
+    fprintf(stderr, "coordfs: cannot set signal handlers\n");
+    fail(1);
+  }
+  if ((rc = events_start())) {
+    fprintf(stderr, "coordfs: cannot watch etcd at %s: %s\n", g.o.endpoints, coord_strerror(rc));
+    fail(1);
+  }
+  if (fuse_session_mount(se, g.o.mountpoint)) {
+    fprintf(stderr, "coordfs: cannot mount on %s (is it already mounted, or is /dev/fuse missing?)\n",
+            g.o.mountpoint);
+    events_stop();
+    fail(1);
+  }
+  notifier_start();
+  if (chdir("/")) {
+    /* not fatal: paths are absolute */
+  }
+  report(0);
+  if (!g.o.foreground)
+    detach_stdio();
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+
+  struct fuse_loop_config lc = {.clone_fd = 0, .max_idle_threads = 16};
+  rc = fuse_session_loop_mt(se, &lc);
+
+  pthread_sigmask(SIG_BLOCK, &block, NULL);
+  events_stop();
+  fuse_remove_signal_handlers(se);
+  fuse_session_unmount(se);
+  notifier_stop();
+  locks_shutdown();
+  coord_close(g.c);
+  fuse_session_destroy(se);
+  fuse_opt_free_args(&args);
+  cache_free(&g.config);
+  cache_free(&g.services);
+  return rc < 0 ? 1 : 0;
+}
