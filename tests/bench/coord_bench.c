@@ -88,7 +88,7 @@ static double pct(const int64_t *s, size_t n, double p) {
   return s[(size_t)(p * (double)(n - 1) + 0.5)] / 1000.0;
 }
 
-/* Summary, wall time and every sample (µs, 0.1 µs resolution: the driver
+/* Summary, wall time and every sample (µs, 0.01 µs resolution: the driver
  * merges rounds). */
 static void emit(int64_t *lat, size_t n, int64_t wall_ns) {
   double sum = 0;
@@ -102,7 +102,7 @@ static void emit(int64_t *lat, size_t n, int64_t wall_ns) {
          n, pct(lat, n, 0.5), pct(lat, n, 0.99), n ? sum / n : 0, wall_ns > 0 ? n / (wall_ns / 1e9) : 0,
          wall_ns / 1e9);
   for (size_t i = 0; i < n; i++)
-    printf("%s%.1f", i ? "," : "", (double)(lat[i] / 100) / 10.0);
+    printf("%s%.2f", i ? "," : "", (double)(lat[i] / 10) / 100.0);
   printf("]}\n");
   fflush(stdout);
 }

@@ -50,7 +50,7 @@ type result struct {
 	OpsS     float64 `json:"ops_s"`
 	Wall     float64 `json:"wall_s"`
 	Error    string  `json:"error,omitempty"`
-	// Every sample (µs, 0.1 µs resolution), so that the driver can merge rounds.
+	// Every sample (µs, 0.01 µs resolution), so that the driver can merge rounds.
 	LatUs []float64 `json:"lat_us,omitempty"`
 }
 
@@ -80,7 +80,7 @@ func emit(lat []time.Duration, wall time.Duration) {
 	r.Wall = wall.Seconds()
 	r.LatUs = make([]float64, len(lat))
 	for i, d := range lat {
-		r.LatUs[i] = float64(d.Nanoseconds()/100) / 10.0
+		r.LatUs[i] = float64(d.Nanoseconds()/10) / 100.0
 	}
 	b, _ := json.Marshal(r)
 	fmt.Println(string(b))

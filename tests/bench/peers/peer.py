@@ -37,7 +37,7 @@ def emit(args, lat_ns, wall_s):
     if wall_s > 0:
         r["ops_s"] = len(us) / wall_s
     r["wall_s"] = wall_s
-    r["lat_us"] = [round(x / 1000.0, 1) for x in lat_ns]  # every sample, for merging rounds
+    r["lat_us"] = [round(x / 1000.0, 2) for x in lat_ns]  # every sample, for merging rounds
     print(json.dumps(r), flush=True)
 
 
