@@ -1134,8 +1134,9 @@ int coord_lock_acquire_async(coord_t *c, const char *name, int64_t ttl_ms, coord
  * ever), cancel on timeout and wait for the cleanup. */
 static int lock_wait(const char *fn, coord_t *c, const char *name, int64_t ttl_ms, int try_mode,
                      int timeout_ms, coord_lock_t **out) {
-  if (out != NULL)
-    *out = NULL;
+  if (out == NULL)
+    return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  *out = NULL;
   if (c != NULL && coord__on_event_thread(c))
     return coord__err(COORD_EINVAL, "%s: blocking call on the event thread", fn);
   if (timeout_ms < -1)
