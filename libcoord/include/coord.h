@@ -416,8 +416,8 @@ int coord_config_set(coord_t *c, const char *key, const json_t *value);
 int coord_config_delete(coord_t *c, const char *key);
 /* jansson json_unpack / json_pack formats on the value of key.  unpack:
  * COORD_EFORMAT (jansson's message in coord_last_error()) if the value does
- * not match; pointers it hands out ("s", "o") stay valid until the next
- * coord_config_unpack on the same thread. */
+ * not match; pointers it hands out ("s", "o") stay valid until the same
+ * thread unpacks the same key again (or exits). */
 int coord_config_unpack(coord_t *c, const char *key, const char *fmt, ...);
 int coord_config_pack(coord_t *c, const char *key, const char *fmt, ...);
 /* Object {key: value} of every key under the path prefix ("" or NULL: all).

@@ -209,31 +209,37 @@ int coord_config_delete(coord_t *c, const char *key) {
 /* ---------------------------------------------------------------- pack */
 
 /* json_unpack's "s" and "o" hand out pointers into the value.  So that they
- * stay usable after coord_config_unpack returns, the last value unpacked on
- * each thread is kept alive until the next unpack on that thread (or until
- * the thread exits). */
+ * stay usable after coord_config_unpack returns, each thread keeps the last
+ * value it unpacked of each key (a JSON object key -> value, owned by the
+ * thread) until it unpacks that key again, or exits. */
 static pthread_key_t unpack_key;
 static pthread_once_t unpack_once = PTHREAD_ONCE_INIT;
 static int unpack_key_ok;
 
-static void unpack_value_free(void *p) {
+static void unpack_values_free(void *p) {
   json_decref(p);
 }
 
 static void unpack_key_init(void) {
-  unpack_key_ok = pthread_key_create(&unpack_key, unpack_value_free) == 0;
+  unpack_key_ok = pthread_key_create(&unpack_key, unpack_values_free) == 0;
 }
 
-/* Keeps v (a reference we own) as this thread's last unpacked value. */
-static void unpack_keep(json_t *v) {
+/* Keeps v (a reference we own) as this thread's last unpacked value of key.
+ * If that cannot be done, v is leaked rather than left dangling. */
+static void unpack_keep(const char *key, json_t *v) {
   pthread_once(&unpack_once, unpack_key_init);
   if (!unpack_key_ok)
-    return; /* no key left in the process: keep v alive for ever */
-  json_t *old = pthread_getspecific(unpack_key);
-  if (pthread_setspecific(unpack_key, v) != 0) {
-    return; /* as above: leaked rather than left dangling */
+    return;
+  json_t *kept = pthread_getspecific(unpack_key);
+  if (kept == NULL) {
+    kept = json_object();
+    if (kept == NULL || pthread_setspecific(unpack_key, kept) != 0) {
+      json_decref(kept);
+      return;
+    }
   }
-  json_decref(old);
+  if (json_object_set_nocheck(kept, key, v) == 0) /* drops the previous value */
+    json_decref(v);
 }
 
 int coord_config_unpack(coord_t *c, const char *key, const char *fmt, ...) {
@@ -249,7 +255,7 @@ int coord_config_unpack(coord_t *c, const char *key, const char *fmt, ...) {
   va_start(ap, fmt);
   int jrc = json_vunpack_ex(v, &jerr, 0, fmt, ap);
   va_end(ap);
-  unpack_keep(v);
+  unpack_keep(key, v);
   if (jrc != 0)
     return coord__err(COORD_EFORMAT, "%s: value of \"%s\" does not match \"%s\": %s", fn, key, fmt,
                       jerr.text);
@@ -380,6 +386,23 @@ static int config_decode_event(coord_t *c, coord_event_t *ev, void *arg) {
   return 0;
 }
 
+/* The revision to start a watch of key from so that it sees every change
+ * committed after this call returns: the store's revision now + 1.  (A
+ * watch asked to start "from now" fixes its revision asynchronously, after
+ * coord__watch_public has returned, and would miss changes made in that
+ * window.) */
+static int watch_start_now(coord_t *c, const char *key, coord_watch_opts_t *o) {
+  coord_range_opts_t ro = {0};
+  ro.count_only = 1;
+  coord_kv_result_t *r = NULL;
+  int rc = coord_kv_get(c, key, &ro, &r);
+  if (rc < 0)
+    return rc;
+  o->start_revision = r->revision + 1;
+  coord_kv_result_free(r);
+  return 0;
+}
+
 int coord_config_watch(coord_t *c, const char *key, int with_current, coord_watch_t **out) {
   static const char fn[] = "coord_config_watch";
   if (out != NULL)
@@ -394,7 +417,9 @@ int coord_config_watch(coord_t *c, const char *key, int with_current, coord_watc
     return coord__err(COORD_ENOMEM, "%s: out of memory", fn);
   coord_watch_opts_t o = {0};
   o.with_current = with_current;
-  rc = coord__watch_public(c, k, &o, config_decode_event, NULL, out);
+  rc = watch_start_now(c, k, &o);
+  if (rc == 0)
+    rc = coord__watch_public(c, k, &o, config_decode_event, NULL, out);
   free(k);
   return rc;
 }
@@ -417,7 +442,9 @@ int coord_config_watch_prefix(coord_t *c, const char *prefix, int with_current, 
   coord_watch_opts_t o = {0};
   o.prefix = 1;
   o.with_current = with_current;
-  rc = coord__watch_public(c, k, &o, config_decode_event, (void *)(uintptr_t)boundary, out);
+  rc = watch_start_now(c, k, &o);
+  if (rc == 0)
+    rc = coord__watch_public(c, k, &o, config_decode_event, (void *)(uintptr_t)boundary, out);
   free(k);
   return rc;
 }
