@@ -131,7 +131,7 @@ run: deps
 # A benchmark never fails the build: what does not build is reported as skipped.
 bench: deps
 	-$(MAKE) -k all $(B)/bench/coord_bench
-	@COORD_BUILD=$(CURDIR)/$(B) scripts/bench
+	@COORD_BUILD=$(abspath $(B)) scripts/bench
 
 format:
 	clang-format -i $$(git ls-files '*.c' '*.h')
