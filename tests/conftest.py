@@ -17,7 +17,7 @@ Helpers to import from harness: build_path, require_build, run_prog,
 start_prog, finish_prog, end_process, wait_for, mounted, Certs, EtcdCluster.
 
 Every server is stopped by the PID the harness started; when a test fails,
-the tail of each etcd log and coordfs log is printed in its report.
+the tail of each etcd log and coordfs log is shown in its report.
 """
 
 import os
@@ -49,11 +49,21 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+    if rep.failed and rep.when in ("setup", "call"):
+        # the servers' side of the story, shown with the failure
+        for c in getattr(item, "_coord_clusters", []):
+            rep.sections.append(("etcd logs (%s)" % os.path.basename(c.dir), c.log_tails(40)))
+        for m in getattr(item, "_coord_mounts", []):
+            rep.sections.append(("coordfs log (%s)" % m.path, harness.tail(m.log_path, 60)))
 
 
-def _failed(request):
-    node = request.node
-    return any(getattr(getattr(node, "rep_" + w, None), "failed", False) for w in ("setup", "call"))
+def _track(request, attr, obj):
+    """Remember obj on the test item so that a failure report shows its log."""
+    lst = getattr(request.node, attr, None)
+    if lst is None:
+        lst = []
+        setattr(request.node, attr, lst)
+    lst.append(obj)
 
 
 def _clusters(request, make):
@@ -62,6 +72,7 @@ def _clusters(request, make):
     def factory(**kw):
         c = EtcdCluster(**kw)
         made.append(c)
+        _track(request, "_coord_clusters", c)
         c.start()
         return c
 
@@ -69,8 +80,6 @@ def _clusters(request, make):
         yield factory if make is None else make(factory)
     finally:
         for c in made:
-            if _failed(request) and not c.closed:
-                sys.stderr.write(c.log_tails(40) + "\n")
             c.close()
 
 
@@ -138,6 +147,7 @@ def coordfs_mount(request, tmp_path):
                          log_path=str(tmp_path / ("coordfs%d.log" % counter[0])))
         m.check_on_exit = check
         mounts.append(m)
+        _track(request, "_coord_mounts", m)
         m.start(timeout)
         return m
 
@@ -149,8 +159,6 @@ def coordfs_mount(request, tmp_path):
             m.unmount()
         except Exception as e:  # keep going: every mount must go
             errors.append("unmount %s: %s" % (m.path, e))
-        if _failed(request):
-            sys.stderr.write("--- coordfs %s log tail:\n%s\n" % (m.path, harness.tail(m.log_path, 40)))
         if m.check_on_exit:
             rep = harness.sanitizer_report(m.log())
             if rep:
