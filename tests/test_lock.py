@@ -1,0 +1,358 @@
+"""test_lock.py — libcoord's distributed locks against a real etcd.
+
+Drives two C programs (tests/c/lock_tool.c, tests/c/lock_checks.c) and
+etcdctl: mutual exclusion with fencing tokens across processes, FIFO order,
+interoperability with `etcdctl lock` both ways, a SIGKILLed holder, lease
+revocation, a SIGSTOPped holder fenced off by a guarded write, try_acquire,
+cancel/timeout leaving no key, the write count of an uncontended cycle, and
+every API error path (lock_checks).
+"""
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+import harness
+from harness import end_process, finish_prog, require_build, run_prog, start_prog, wait_for
+
+TOOL = "tests/lock_tool"
+
+
+@pytest.fixture(autouse=True)
+def _built():
+    require_build(TOOL)
+    require_build("tests/lock_checks")
+
+
+class Tool:
+    """A running `lock_tool ARGS` whose stdout lines are read by a thread."""
+
+    def __init__(self, etcd, *args):
+        self.p = start_prog(TOOL, *args, endpoints=etcd, stdin=subprocess.PIPE)
+        self.lines = queue.Queue()
+        self.seen = []
+        self.err = []
+        threading.Thread(target=self._pump, args=(self.p.stdout, self.lines), daemon=True).start()
+        self.err_thread = threading.Thread(target=self._pump_err, daemon=True)
+        self.err_thread.start()
+
+    @staticmethod
+    def _pump(f, q):
+        for line in f:
+            q.put(line.rstrip("\n"))
+        q.put(None)
+
+    def _pump_err(self):
+        for line in self.p.stderr:
+            self.err.append(line)
+
+    def expect(self, prefix, timeout=15.0):
+        """The next line starting with prefix, split into words."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no %r line within %.1fs (seen %r, stderr %r)"
+                                     % (prefix, timeout, self.seen, "".join(self.err)[-2000:]))
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.lines.put(None)
+                raise AssertionError("exited (rc %s) before a %r line (seen %r, stderr %r)"
+                                     % (self.p.poll(), prefix, self.seen, "".join(self.err)[-2000:]))
+            self.seen.append(line)
+            if line.startswith(prefix):
+                return line.split()
+
+    def quiet(self, prefix, seconds):
+        """Asserts that no line starting with prefix comes for `seconds`."""
+        try:
+            words = self.expect(prefix, seconds)
+        except AssertionError:
+            return
+        raise AssertionError("unexpected %r" % " ".join(words))
+
+    def send(self, line):
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+
+    def signal(self, sig):
+        harness.signal_pid(self.p, sig)
+
+    def finish(self, timeout=20.0, expect_rc=0):
+        """Close stdin, wait for the exit; checks exit code and sanitizers."""
+        try:
+            self.p.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            end_process(self.p, signal.SIGKILL)
+            raise AssertionError("lock_tool did not exit; seen %r" % self.seen)
+        self.err_thread.join(5)
+        err = "".join(self.err)
+        rep = harness.sanitizer_report(err)
+        assert rep is None, rep
+        if expect_rc is not None:
+            assert self.p.returncode == expect_rc, (self.p.returncode, err[-2000:])
+
+    def kill(self):
+        end_process(self.p, signal.SIGKILL)
+
+
+def lock_keys(etcd, name):
+    return etcd.get_prefix("/locks/%s/" % name)
+
+
+def wait_keys(etcd, name, n, timeout=10.0):
+    wait_for(lambda: len(lock_keys(etcd, name)) == n, timeout, 0.02, "%d keys under /locks/%s/" % (n, name))
+
+
+def lease_of(key):
+    return key.rsplit("/", 1)[1]
+
+
+def granted_ttl(etcd, lease_hex):
+    out = etcd.etcdctl("lease", "timetolive", lease_hex)
+    m = re.search(r"granted with TTL\((\d+)s\)", out)
+    assert m, out
+    return int(m.group(1))
+
+
+def etcdctl_lock(etcd, name):
+    """`etcdctl lock NAME` (holds until SIGTERM once it printed its key)."""
+    env = dict(os.environ)
+    env["ETCDCTL_API"] = "3"
+    p = harness._popen(etcd.etcdctl_argv() + ["lock", name], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                       start_new_session=True)
+    q = queue.Queue()
+    threading.Thread(target=Tool._pump, args=(p.stdout, q), daemon=True).start()
+    return p, q
+
+
+# ------------------------------------------------------------------ API
+
+
+def test_api_checks(etcd):
+    """Every error path, accessors, notes, TTLs, guarded writes, loss by key
+    deletion, async/cancel/unlock-in-callback, namespace, close (C)."""
+    out = run_prog("tests/lock_checks", "t1", endpoints=etcd, timeout=120)
+    assert "FAIL" not in out, out
+    assert "PASSED" in out
+
+
+# ------------------------------------------------------------------ safety
+
+
+@pytest.mark.timeout(180)
+def test_mutual_exclusion_and_fencing(etcd):
+    """8 processes x 50 cycles of a non-atomic read-increment-write under the
+    lock: the counter ends at exactly 400, and the fencing tokens increase
+    strictly in the order the critical sections ran."""
+    procs = [start_prog(TOOL, "count", "mx", 50, "/counter", endpoints=etcd) for _ in range(8)]
+    sections = []
+    for p in procs:
+        out, _ = finish_prog(p, timeout=150)
+        for line in out.splitlines():
+            w = line.split()
+            if w and w[0] == "CS":
+                sections.append((int(w[2]), int(w[1])))  # (value written, token)
+    assert etcd.get("/counter") == "400"
+    assert len(sections) == 400
+    sections.sort()
+    assert [v for v, _ in sections] == list(range(1, 401)), "two critical sections overlapped"
+    tokens = [t for _, t in sections]
+    assert all(a < b for a, b in zip(tokens, tokens[1:])), "fencing tokens not strictly increasing"
+    assert lock_keys(etcd, "mx") == {}
+
+
+def test_fifo_order(etcd):
+    """Waiters from separate processes are granted in the order they queued."""
+    holder = Tool(etcd, "hold", "fifo")
+    holder.expect("ACQUIRED")
+    waiters = []
+    for i in range(4):
+        w = Tool(etcd, "hold", "fifo")
+        wait_keys(etcd, "fifo", i + 2)
+        waiters.append(w)
+    for w in waiters:
+        w.quiet("ACQUIRED", 0.2)
+    holder.send("release")
+    assert holder.expect("RELEASED") == ["RELEASED", "0"]
+    for i, w in enumerate(waiters):
+        w.expect("ACQUIRED", 10)
+        for later in waiters[i + 1:]:
+            later.quiet("ACQUIRED", 0.15)
+        w.send("release")
+        assert w.expect("RELEASED") == ["RELEASED", "0"]
+    for t in [holder] + waiters:
+        t.finish()
+    assert lock_keys(etcd, "fifo") == {}
+
+
+# ------------------------------------------------------------------ etcdctl interop
+
+
+def test_etcdctl_waits_while_libcoord_holds(etcd):
+    holder = Tool(etcd, "hold", "x")
+    key = holder.expect("ACQUIRED")[1]
+    assert key.startswith("/locks/x/")
+    p, q = etcdctl_lock(etcd, "/locks/x")
+    try:
+        wait_keys(etcd, "x", 2)
+        with pytest.raises(queue.Empty):
+            q.get(timeout=1.0)  # etcdctl has not got it
+        holder.send("release")
+        assert holder.expect("RELEASED") == ["RELEASED", "0"]
+        line = q.get(timeout=5)
+        assert line and line.startswith("/locks/x/"), line
+        # and libcoord now waits for etcdctl
+        assert run_prog(TOOL, "try", "x", endpoints=etcd).split() == ["TRY", "-8"]
+    finally:
+        end_process(p, signal.SIGTERM)
+    holder.finish()
+    wait_keys(etcd, "x", 0)
+
+
+def test_libcoord_waits_while_etcdctl_holds(etcd):
+    p, q = etcdctl_lock(etcd, "/locks/y")
+    try:
+        ekey = q.get(timeout=10)
+        assert ekey and ekey.startswith("/locks/y/"), ekey
+        assert run_prog(TOOL, "try", "y", endpoints=etcd).split() == ["TRY", "-8"]
+        waiter = Tool(etcd, "hold", "y")
+        wait_keys(etcd, "y", 2)
+        waiter.quiet("ACQUIRED", 1.0)
+    finally:
+        end_process(p, signal.SIGTERM)  # etcdctl unlocks on SIGTERM
+    words = waiter.expect("ACQUIRED", 10)
+    assert int(words[2]) > 0
+    waiter.send("release")
+    assert waiter.expect("RELEASED") == ["RELEASED", "0"]
+    waiter.finish()
+    assert lock_keys(etcd, "y") == {}
+
+
+# ------------------------------------------------------------------ failures
+
+
+def test_killed_holder_next_waiter_within_ttl(etcd):
+    holder = Tool(etcd, "hold", "k", 2000)
+    key = holder.expect("ACQUIRED")[1]
+    ttl = granted_ttl(etcd, lease_of(key))
+    waiter = Tool(etcd, "hold", "k", 2000)
+    wait_keys(etcd, "k", 2)
+    t0 = time.monotonic()
+    holder.kill()
+    waiter.expect("ACQUIRED", ttl + 5)
+    took = time.monotonic() - t0
+    assert took <= ttl + 1.0, "next waiter got the lock %.2fs after the kill (TTL %ds)" % (took, ttl)
+    waiter.send("release")
+    waiter.expect("RELEASED")
+    waiter.finish()
+
+
+def test_cancelled_and_timed_out_waiters_leave_no_key(etcd):
+    holder = Tool(etcd, "hold", "c")
+    holder.expect("ACQUIRED")
+    p = start_prog(TOOL, "cancel", "c", 700, endpoints=etcd)
+    wait_keys(etcd, "c", 2)  # it queued
+    out, _ = finish_prog(p, timeout=20)
+    assert out.split() == ["CB", "-12", "-12"]
+    assert len(lock_keys(etcd, "c")) == 1
+    out = run_prog(TOOL, "timeout", "c", 500, endpoints=etcd).split()
+    assert out[:2] == ["RESULT", "-4"]
+    assert 450 <= int(out[2]) < 5000
+    assert len(lock_keys(etcd, "c")) == 1
+    holder.send("release")
+    holder.expect("RELEASED")
+    holder.finish()
+    assert lock_keys(etcd, "c") == {}
+
+
+def test_revoked_lease_loses_lock(etcd):
+    """etcdctl lease revoke of the holder's lease: the holder is told (lost
+    callback and state) and the next waiter gets the lock."""
+    holder = Tool(etcd, "hold", "r", 10000)
+    key = holder.expect("ACQUIRED")[1]
+    waiter = Tool(etcd, "hold", "r")
+    wait_keys(etcd, "r", 2)
+    etcd.etcdctl("lease", "revoke", lease_of(key))
+    assert holder.expect("LOST", 5) == ["LOST", "-11"]
+    waiter.expect("ACQUIRED", 5)
+    holder.send("state")
+    assert holder.expect("STATE") == ["STATE", "-11"]
+    holder.send("guard app/r stale")
+    assert holder.expect("GUARD") == ["GUARD", "-11"]
+    holder.send("release")
+    assert holder.expect("RELEASED") == ["RELEASED", "-11"]
+    holder.finish()
+    waiter.send("release")
+    assert waiter.expect("RELEASED") == ["RELEASED", "0"]
+    waiter.finish()
+    assert etcd.get("/config/app/r") is None
+
+
+def test_paused_holder_is_fenced(etcd):
+    """A holder SIGSTOPped past its TTL: another process takes the lock and
+    writes; after SIGCONT the stale holder's guarded write fails with
+    COORD_ELOST and the successor's value stays."""
+    stale = Tool(etcd, "hold", "p", 2000)
+    key = stale.expect("ACQUIRED")[1]
+    stale.send("guard app/p first")
+    assert stale.expect("GUARD") == ["GUARD", "0"]
+    ttl = granted_ttl(etcd, lease_of(key))
+    stale.signal(signal.SIGSTOP)
+    try:
+        succ = Tool(etcd, "hold", "p", 2000)
+        succ.expect("ACQUIRED", ttl + 5)
+        succ.send("guard app/p successor")
+        assert succ.expect("GUARD") == ["GUARD", "0"]
+        stale.send("guard app/p stale")  # queued while stopped: runs at once on SIGCONT
+    finally:
+        stale.signal(signal.SIGCONT)
+    assert stale.expect("GUARD", 10) == ["GUARD", "-11"]
+    assert etcd.get("/config/app/p") == "successor"
+    if not any(l.startswith("LOST") for l in stale.seen):  # told before or after the write
+        assert stale.expect("LOST", 10) == ["LOST", "-11"]
+    stale.send("release")
+    assert stale.expect("RELEASED") == ["RELEASED", "-11"]
+    stale.finish()
+    succ.send("release")
+    assert succ.expect("RELEASED") == ["RELEASED", "0"]
+    succ.finish()
+
+
+# ------------------------------------------------------------------ costs
+
+
+def test_try_acquire_held_writes_nothing(etcd):
+    holder = Tool(etcd, "hold", "t")
+    holder.expect("ACQUIRED")
+    rev = etcd.revision()
+    assert run_prog(TOOL, "try", "t", endpoints=etcd).split() == ["TRY", "-8"]
+    assert etcd.revision() == rev, "a failed try_acquire wrote to etcd"
+    assert len(lock_keys(etcd, "t")) == 1
+    holder.send("release")
+    holder.expect("RELEASED")
+    holder.finish()
+    out = run_prog(TOOL, "try", "t", endpoints=etcd).split()
+    assert out[:2] == ["TRY", "0"] and out[2].startswith("/locks/t/")
+    assert lock_keys(etcd, "t") == {}
+
+
+def test_uncontended_cycle_is_two_writes(etcd):
+    """With the lease pool warm, acquire is one write (the Txn) and release
+    one (the Delete)."""
+    out = run_prog(TOOL, "writes", "w", endpoints=etcd).split()
+    assert out == ["WRITES", "1", "1"]
