@@ -22,6 +22,17 @@ def parse_events(out):
     return evs
 
 
+def retry(fn, tries=20):
+    """etcdctl right after a member kill may meet an election: try again."""
+    for i in range(tries):
+        try:
+            return fn()
+        except Exception:
+            if i == tries - 1:
+                raise
+            time.sleep(0.5)
+
+
 def acked(out):
     return [l.split()[1] for l in out.splitlines() if l.startswith("ack ")]
 
@@ -96,7 +107,7 @@ def test_watch_resyncs_after_compaction_while_disconnected(etcd_cluster):
         cl.put("c/pre%d" % i, "old")
     a = cl.members[0]
     rev = cl.revision()
-    w = start_prog("tests/core_watch", "events", "c/", "0", "c/end", "120000", endpoints=a.endpoint)
+    w = start_prog("tests/core_watch", "events", "c/", str(rev + 1), "c/end", "120000", endpoints=a.endpoint)
     cl.put("c/live", "1")
     # the watcher must be connected and caught up before its member dies
     seen = []
@@ -108,12 +119,12 @@ def test_watch_resyncs_after_compaction_while_disconnected(etcd_cluster):
     cl.kill(a)
     others = ",".join(m.endpoint for m in cl.members[1:])
     for i in range(5):
-        cl.etcdctl("del", "c/pre%d" % i, endpoints=others)
+        retry(lambda: cl.etcdctl("del", "c/pre%d" % i, endpoints=others))
     for i in range(5, 8):
-        cl.etcdctl("put", "c/pre%d" % i, "new", endpoints=others)
-    cl.etcdctl("put", "c/fresh", "f", endpoints=others)
-    r = cl.revision()
-    cl.compact(r)
+        retry(lambda: cl.etcdctl("put", "c/pre%d" % i, "new", endpoints=others))
+    retry(lambda: cl.etcdctl("put", "c/fresh", "f", endpoints=others))
+    r = retry(cl.revision)
+    retry(lambda: cl.compact(r))
     cl.restart(a)
     cl.put("c/end", "x")
     wout, _ = finish_prog(w, timeout=90)
