@@ -356,3 +356,23 @@ def test_uncontended_cycle_is_two_writes(etcd):
     one (the Delete)."""
     out = run_prog(TOOL, "writes", "w", endpoints=etcd).split()
     assert out == ["WRITES", "1", "1"]
+
+
+def test_example_program(etcd):
+    """libcoord/examples/lock.c: two at once, the second waits for the first."""
+    require_build("examples/lock")
+    a = start_prog("examples/lock", "ex", 600, endpoints=etcd)
+    b = start_prog("examples/lock", "ex", 600, endpoints=etcd)
+    t0 = time.monotonic()
+    out_a, _ = finish_prog(a, timeout=60)
+    out_b, _ = finish_prog(b, timeout=60)
+    assert time.monotonic() - t0 >= 1.1  # held one after the other
+    toks = []
+    for out in (out_a, out_b):
+        w = out.split("\n")[0].split()
+        assert w[0] == "acquired" and w[1].startswith("/locks/ex/"), out
+        toks.append(int(w[3]))
+        assert "released" in out
+    assert toks[0] != toks[1]
+    assert etcd.get("/config/example/last-holder") is not None
+    assert lock_keys(etcd, "ex") == {}
