@@ -189,3 +189,23 @@ def test_etcd_not_running_fails_within_timeout():
     ms = int(out.split("ms=")[1].split()[0])
     assert ms < 2000, out
     assert took < 10
+
+
+def test_tls_with_client_certificates(etcd_tls, tls_certs, tmp_path):
+    c = tls_certs
+    ep = "https://" + etcd_tls.endpoint
+    out = run_prog("tests/core_kv", "tls", c.ca, c.client_cert, c.client_key, endpoints=ep)
+    assert "new rc=0" in out and "put rc=0" in out, out
+    assert etcd_tls.get("tls/k") == "v"
+    # no client certificate: etcd (--client-cert-auth) refuses the handshake
+    out = run_prog("tests/core_kv", "tls", c.ca, "-", "-", endpoints=ep)
+    assert "new rc=0" not in out, out
+    # a CA that did not sign the server: refused, with a clear error
+    from harness import Certs
+    other = Certs(str(tmp_path / "other"))
+    out = run_prog("tests/core_kv", "tls", other.ca, c.client_cert, c.client_key, endpoints=ep)
+    assert "new rc=-3" in out or "new rc=-4" in out, out
+    assert "no etcd endpoint answered" in out
+    # unreadable files: COORD_ETLS at once
+    out = run_prog("tests/core_kv", "tls", str(tmp_path / "missing.pem"), "-", "-", endpoints=ep)
+    assert "new rc=-20" in out and "missing.pem" in out, out

@@ -11,6 +11,7 @@
  *   core_kv invalid     invalid arguments give COORD_EINVAL
  *   core_kv connect T   coord_new with dial timeout T ms; prints the code
  *   core_kv writer N P  puts P/0..P/N-1 and prints each acknowledged key
+ *   core_kv tls CA CERT KEY   connects over TLS ("-" for none) and puts
  *   core_kv auth USER PASSWORD KEY
  *                       connects as USER (password given on stdin would be
  *                       better; tests only) and puts KEY; prints the code;
@@ -273,6 +274,26 @@ static void writer(int n, const char *prefix) {
   coord_close(c);
 }
 
+static const char *arg_or_null(const char *s) {
+  return strcmp(s, "-") ? s : NULL;
+}
+
+static void tls(const char *ca, const char *cert, const char *key) {
+  coord_config_t cfg = coord_default_config();
+  cfg.ca_file = arg_or_null(ca);
+  cfg.cert_file = arg_or_null(cert);
+  cfg.key_file = arg_or_null(key);
+  cfg.dial_timeout_ms = 3000;
+  coord_t *c = NULL;
+  int rc = coord_new(&cfg, &c);
+  printf("new rc=%d %s: %s\n", rc, coord_strerror(rc), coord_last_error());
+  if (rc)
+    return;
+  rc = coord_kv_put(c, "tls/k", "v", 1, NULL, NULL);
+  printf("put rc=%d %s\n", rc, coord_strerror(rc));
+  coord_close(c);
+}
+
 static void auth(const char *user, const char *password, const char *key) {
   coord_config_t cfg = coord_default_config();
   cfg.username = user;
@@ -309,6 +330,8 @@ int main(int argc, char **argv) {
     invalid();
   else if (!strcmp(argv[1], "connect"))
     connect_only(argc > 2 ? atoi(argv[2]) : 2000);
+  else if (!strcmp(argv[1], "tls") && argc > 4)
+    tls(argv[2], argv[3], argv[4]);
   else if (!strcmp(argv[1], "auth") && argc > 4)
     auth(argv[2], argv[3], argv[4]);
   else if (!strcmp(argv[1], "writer") && argc > 3)
