@@ -172,7 +172,9 @@ def _need_programs():
 def test_round_robin_three_backends(etcd, backends):
     for i in range(3):
         backends(etcd, "rr", "b%d" % i)
-    res = client_run(etcd, "rr", "--count", 90)
+    # Calls go to READY connections only: the first few may come before
+    # every backend's connection is up.
+    res = client_run(etcd, "rr", "--count", 200, "--interval-ms", 2)
     assert all(r[1] == "OK" for r in res), res
     ids = [r[2] for r in res]
     assert set(ids) == {"b0", "b1", "b2"}
@@ -278,7 +280,7 @@ def test_resolve_and_static_target(etcd, backends):
     assert lines["TARGET"].startswith("ipv4:")
     assert sorted(lines["TARGET"][5:].split(",")) == addrs
     assert json.loads(lines["SERVICE_CONFIG"]) == {"loadBalancingConfig": [{"round_robin": {}}]}
-    res = client_run(etcd, "st", "--static", "--count", 20)
+    res = client_run(etcd, "st", "--static", "--count", 60, "--interval-ms", 10)
     assert all(r[1] == "OK" for r in res) and {r[2] for r in res} == {"b0", "b1"}
     out = run_prog(CLIENT, "--name", "nobody", "--resolve", endpoints=etcd)
     assert "TARGET \n" in out or out.splitlines()[-2] == "TARGET "
