@@ -67,6 +67,13 @@ class Lines:
             if line.startswith(prefix):
                 return line
 
+    def expect_from_all(self, prefix):
+        """A line already received that starts with prefix."""
+        for line in self.snapshot():
+            if line.startswith(prefix):
+                return line
+        raise AssertionError("no %r line in %r" % (prefix, self.snapshot()))
+
     def snapshot(self):
         with self.lock:
             return list(self.all)
@@ -377,3 +384,29 @@ def test_python_client_through_coord_xds(etcd, backends, tmp_path):
     err = xds.stderr.read()
     assert not sanitizer_report(err), err
     assert xds.returncode == 0, err
+
+
+def test_ads_protocol(etcd, backends, tmp_path):
+    """resolver_ads speaks ADS to coord-xds directly: resources, ACK, NACK
+    (logged, not answered), stale nonce, push on a registry change, name
+    change, clean close."""
+    require_build(XDS)
+    prog = require_build("tests/resolver_ads")
+    xds = start_prog(XDS, "--listen", "127.0.0.1:0", endpoints=etcd)
+    try:
+        port = int(Lines(xds).expect("LISTENING").split()[1])
+        backends(etcd, "ads", "a0")
+        p = start_prog(prog, "127.0.0.1:%d" % port, "ads", 1, endpoints=etcd)
+        out = Lines(p)
+        out.expect("WAITING")
+        backends(etcd, "ads", "a1")
+        out.expect("CLOSE ok")
+        p.wait(20)
+        assert p.returncode == 0, (out.snapshot(), p.stderr.read())
+        push_ms = int(out.expect_from_all("PUSH").split()[1])
+        assert push_ms < 2000
+    finally:
+        end_process(xds)
+    err = xds.stderr.read()
+    assert not sanitizer_report(err), err
+    assert "NACKed EDS" in err and "resolver_ads test nack" in err, err
