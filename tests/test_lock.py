@@ -376,3 +376,39 @@ def test_example_program(etcd):
     assert toks[0] != toks[1]
     assert etcd.get("/config/example/last-holder") is not None
     assert lock_keys(etcd, "ex") == {}
+
+
+@pytest.mark.timeout(300)
+def test_stress_one_process(etcd):
+    """Threads on two clients of one process mix every acquire form, cancel
+    and unlock: never two holders, every callback exactly once, no key left."""
+    out = run_prog(TOOL, "stress", "st", 16, 40, endpoints=etcd, timeout=240).split()
+    assert out[0] == "STRESS" and int(out[1]) > 0, out
+    assert out[2] == "0", "violations: %s" % out
+    assert lock_keys(etcd, "st") == {}
+
+
+@pytest.mark.cluster
+def test_waiter_survives_member_failure(etcd_cluster):
+    """Three members; the member both clients talk to is killed while one
+    holds and one waits: the release and the waiter's watch fail over, and
+    the waiter gets the lock."""
+    c = etcd_cluster
+    eps = c.all_endpoints  # both clients start on members[0]
+    holder = Tool(eps, "hold", "fo", 3000)
+    holder.expect("ACQUIRED", 20)
+    waiter = Tool(eps, "hold", "fo", 3000)
+    wait_keys(c, "fo", 2)
+    c.kill(c.members[0])
+    c.leader(20)  # a leader among the two left
+    time.sleep(0.5)
+    holder.send("state")
+    assert holder.expect("STATE", 20) == ["STATE", "0"], "lock lost by a member failure"
+    holder.send("release")
+    assert holder.expect("RELEASED", 20) == ["RELEASED", "0"]
+    waiter.expect("ACQUIRED", 20)
+    waiter.send("release")
+    assert waiter.expect("RELEASED", 20) == ["RELEASED", "0"]
+    holder.finish(60)
+    waiter.finish(60)
+    assert lock_keys(c, "fo") == {}

@@ -20,6 +20,12 @@
  *   lock_tool writes NAME         store revisions advanced by an uncontended
  *                                 acquire and by its release (after one
  *                                 warm-up cycle): "WRITES <acq> <rel>"
+ *   lock_tool stress NAME THREADS ITERS
+ *       THREADS threads on two clients mix blocking acquires (with and
+ *       without timeouts), try_acquire, async acquires that are cancelled,
+ *       unlocked while pending or unlocked from their callback, checking
+ *       that at most one holder is inside at a time and that every
+ *       callback runs exactly once: "STRESS <held> <violations>".
  */
 #include "coord.h"
 
@@ -203,6 +209,141 @@ static int cmd_writes(coord_t *c, const char *name) {
   return 0;
 }
 
+/* ---------------------------------------------------------------- stress */
+
+static coord_t *stress_c[2];
+static const char *stress_name;
+static int stress_iters;
+static int inside, violations, held_count;
+static pthread_mutex_t stress_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void enter_exit(void) {
+  pthread_mutex_lock(&stress_mu);
+  if (++inside != 1)
+    violations++;
+  held_count++;
+  pthread_mutex_unlock(&stress_mu);
+  usleep(500);
+  pthread_mutex_lock(&stress_mu);
+  inside--;
+  pthread_mutex_unlock(&stress_mu);
+}
+
+typedef struct scb {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int calls, status, unlock_in_cb;
+} scb_t;
+
+static void stress_cb(coord_lock_t *lock, int status, void *arg) {
+  scb_t *s = arg;
+  if (status == 0 && s->unlock_in_cb) {
+    /* held: a (very short) critical section on the event thread */
+    pthread_mutex_lock(&stress_mu);
+    if (++inside != 1)
+      violations++;
+    held_count++;
+    inside--;
+    pthread_mutex_unlock(&stress_mu);
+    coord_lock_unlock(lock);
+  }
+  pthread_mutex_lock(&s->mu);
+  s->calls++;
+  s->status = status;
+  pthread_cond_broadcast(&s->cv);
+  pthread_mutex_unlock(&s->mu);
+}
+
+static void *stress_thread(void *arg) {
+  long id = (long)arg;
+  unsigned seed = (unsigned)id * 7919u + 17u;
+  coord_t *c = stress_c[id % 2];
+  for (int i = 0; i < stress_iters; i++) {
+    int what = (int)(rand_r(&seed) % 6);
+    coord_lock_t *l = NULL;
+    int rc;
+    if (what == 0 || what == 1) {
+      rc = coord_lock_acquire(c, stress_name, 0, what == 0 ? -1 : (int)(rand_r(&seed) % 30) + 1, &l);
+      if (rc == 0) {
+        enter_exit();
+        coord_lock_unlock(l);
+      } else if (rc != COORD_ETIMEDOUT) {
+        die("stress acquire", rc);
+      }
+    } else if (what == 2) {
+      rc = coord_lock_try_acquire(c, stress_name, 0, &l);
+      if (rc == 0) {
+        enter_exit();
+        coord_lock_unlock(l);
+      } else if (rc != COORD_ELOCKED) {
+        die("stress try", rc);
+      }
+    } else {
+      scb_t s = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, what == 5};
+      rc = coord_lock_acquire_async(c, stress_name, 0, stress_cb, &s, &l);
+      if (rc)
+        die("stress async", rc);
+      usleep((useconds_t)(rand_r(&seed) % 3000));
+      if (what == 3) {
+        coord_lock_cancel(l);
+        pthread_mutex_lock(&s.mu);
+        while (!s.calls)
+          pthread_cond_wait(&s.cv, &s.mu);
+        pthread_mutex_unlock(&s.mu);
+        if (s.status == 0)
+          enter_exit();
+        else if (s.status != COORD_ECANCELED)
+          die("stress cancel status", s.status);
+        coord_lock_unlock(l);
+      } else if (what == 4) {
+        coord_lock_unlock(l); /* pending or held: no callback after this */
+        pthread_mutex_lock(&s.mu);
+        int calls = s.calls, st = s.status;
+        pthread_mutex_unlock(&s.mu);
+        usleep(2000);
+        pthread_mutex_lock(&s.mu);
+        if (s.calls != calls || calls > 1)
+          violations++;
+        pthread_mutex_unlock(&s.mu);
+        (void)st;
+      } else {
+        pthread_mutex_lock(&s.mu);
+        while (!s.calls)
+          pthread_cond_wait(&s.cv, &s.mu);
+        pthread_mutex_unlock(&s.mu);
+        if (s.status != 0)
+          die("stress async status", s.status);
+      }
+      usleep(3000); /* a late second callback would show here */
+      pthread_mutex_lock(&s.mu);
+      if (s.calls > 1)
+        violations++;
+      pthread_mutex_unlock(&s.mu);
+    }
+  }
+  return NULL;
+}
+
+static int cmd_stress(coord_t *c, const char *name, int threads, int iters) {
+  stress_c[0] = c;
+  int rc = coord_new(NULL, &stress_c[1]);
+  if (rc)
+    die("coord_new", rc);
+  stress_name = name;
+  stress_iters = iters;
+  pthread_t t[64];
+  if (threads > 64)
+    threads = 64;
+  for (long i = 0; i < threads; i++)
+    pthread_create(&t[i], NULL, stress_thread, (void *)i);
+  for (int i = 0; i < threads; i++)
+    pthread_join(t[i], NULL);
+  coord_close(stress_c[1]);
+  printf("STRESS %d %d\n", held_count, violations);
+  fflush(stdout);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc < 3) {
     fprintf(stderr, "usage: lock_tool count|hold|try|timeout|cancel|writes NAME ...\n");
@@ -227,6 +368,8 @@ int main(int argc, char **argv) {
     ret = cmd_cancel(c, name, atoi(argv[3]));
   else if (strcmp(cmd, "writes") == 0)
     ret = cmd_writes(c, name);
+  else if (strcmp(cmd, "stress") == 0 && argc == 5)
+    ret = cmd_stress(c, name, atoi(argv[3]), atoi(argv[4]));
   else
     fprintf(stderr, "lock_tool: bad command line\n");
   coord_close(c);
