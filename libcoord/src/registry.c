@@ -300,6 +300,8 @@ static void reg_unref_locked(struct reg *r) {
 
 static void lease_lost_cb(int64_t id, void *arg);
 static void chain_grant(struct reg *r);
+static int64_t renew_begin_locked(struct reg *r, int64_t lease);
+static void renew_start(struct reg *r, int64_t old);
 
 /* Fire-and-forget revoke of a lease we no longer want. */
 static void revoke_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg) {
@@ -331,13 +333,19 @@ static void chain_retry(struct reg *r) {
   coord__after(r->c, delay, retry_timer, r);
 }
 
-/* True (and the chain's reference dropped) if the chain must stop. */
-static int chain_should_stop(struct reg *r) {
+/* True if the chain must stop (r removed, or the client closing); then the
+ * chain's reference is dropped, and lease (0: none), a lease the chain had
+ * just been granted, is left in r->lease for the thread that retires r to
+ * revoke: so that the key is gone when unregister returns. */
+static int chain_should_stop(struct reg *r, int64_t lease) {
   struct coord_registry_state *rs = r->rs;
   pthread_mutex_lock(&rs->mu);
   int stop = r->state == REG_REMOVED || rs->closing || coord__closing(r->c);
-  if (stop)
+  if (stop) {
+    assert(r->lease == 0);
+    r->lease = lease;
     reg_unref_locked(r);
+  }
   pthread_mutex_unlock(&rs->mu);
   return stop;
 }
@@ -355,30 +363,36 @@ static void chain_put_done(coord_t *c, int status, coord_kv_result_t *res, void 
   int64_t rev = res ? res->revision : 0;
   coord_kv_result_free(res);
   if (status < 0) {
-    revoke_async(c, lease);
-    if (!chain_should_stop(r))
+    revoke_async(c, lease); /* carries no key */
+    if (!chain_should_stop(r, 0))
       chain_retry(r);
     return;
   }
+  if (chain_should_stop(r, lease)) /* unregister revokes it, deleting the key */
+    return;
   struct coord_registry_state *rs = r->rs;
   pthread_mutex_lock(&rs->mu);
-  if (r->state == REG_REMOVED || rs->closing) {
+  if (r->state == REG_REMOVED || rs->closing) { /* removed since the check */
+    r->lease = lease;
     reg_unref_locked(r);
     pthread_mutex_unlock(&rs->mu);
-    revoke_async(c, lease); /* also deletes the key we just wrote */
     return;
   }
   assert(r->state == REG_RENEWING && r->lease == 0);
+  /* The keep-alive starts under rs->mu together with ACTIVE, so that whoever
+   * retires r afterwards finds the lease and stops it (lease.c never holds
+   * its own lock while calling back, so rs->mu -> lease lock is safe).  Only
+   * rs, which outlives every keep-alive of ours, is passed to it. */
+  int kept = coord_lease_keepalive(c, lease, lease_lost_cb, rs);
   r->state = REG_ACTIVE;
   r->lease = lease;
   r->put_rev = rev;
   r->backoff_ms = RETRY_MIN_MS;
+  int64_t old = kept < 0 ? renew_begin_locked(r, lease) : 0; /* cannot keep it: start over */
   reg_unref_locked(r);
   pthread_mutex_unlock(&rs->mu);
-  /* After this the reg may be removed by another thread at any moment: only
-   * rs (which outlives every keep-alive) is passed on. */
-  if (coord_lease_keepalive(c, lease, lease_lost_cb, rs) < 0)
-    lease_lost_cb(lease, rs); /* cannot keep it alive: start over */
+  if (old != 0)
+    renew_start(r, old);
 }
 
 static void chain_grant_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg) {
@@ -388,14 +402,12 @@ static void chain_grant_done(coord_t *c, int status, ProtobufCMessage *resp, voi
   if (status == 0 && g != NULL && (g->error == NULL || g->error[0] == '\0'))
     lease = g->id;
   if (lease == 0) {
-    if (!chain_should_stop(r))
+    if (!chain_should_stop(r, 0))
       chain_retry(r);
     return;
   }
-  if (chain_should_stop(r)) {
-    revoke_async(c, lease);
+  if (chain_should_stop(r, lease))
     return;
-  }
   struct put_step *st = coord__xmalloc(sizeof *st);
   coord_put_opts_t po = {0};
   po.lease = lease;
@@ -408,13 +420,13 @@ static void chain_grant_done(coord_t *c, int status, ProtobufCMessage *resp, voi
     free(st);
   }
   revoke_async(c, lease);
-  if (!chain_should_stop(r))
+  if (!chain_should_stop(r, 0))
     chain_retry(r);
 }
 
 /* Grants a new lease for r; holds the chain's reference throughout. */
 static void chain_grant(struct reg *r) {
-  if (chain_should_stop(r))
+  if (chain_should_stop(r, 0))
     return;
   Etcdserverpb__LeaseGrantRequest req = ETCDSERVERPB__LEASE_GRANT_REQUEST__INIT;
   req.ttl = coord__ms_to_ttl_s(r->ttl_ms);
@@ -478,10 +490,11 @@ static void key_watch_cb(void *arg, const coord_event_t *evs, size_t n, int stat
 
 /* ---------------------------------------------------------------- register */
 
-/* Takes r off rs's list (caller holds op_mu, not mu), waits until no step
- * is in flight, then revokes its lease (which deletes the key if it still
- * carries that lease) and frees r.  Returns the revoke's result. */
-static int reg_retire(struct coord_registry_state *rs, struct reg *r, int revoke) {
+/* Takes r off rs's list and marks it REMOVED (caller holds op_mu, not mu),
+ * stops its key watch, waits until no step of its chain is in flight, and
+ * stops renewing its lease.  Returns that lease (0: none), still to be
+ * revoked; r itself is then the caller's to free. */
+static int64_t reg_detach(struct coord_registry_state *rs, struct reg *r) {
   pthread_mutex_lock(&rs->mu);
   struct reg **pp = &rs->list;
   while (*pp != NULL && *pp != r)
@@ -499,16 +512,23 @@ static int reg_retire(struct coord_registry_state *rs, struct reg *r, int revoke
   pthread_mutex_lock(&rs->mu);
   while (r->refs > 1)
     pthread_cond_wait(&rs->cv, &rs->mu);
-  int64_t lease = r->lease;
+  assert(r->refs == 1);
+  int64_t lease = r->lease; /* stable now: no step is left to change it */
   pthread_mutex_unlock(&rs->mu);
-
-  int rc = 0;
-  if (lease != 0) {
+  if (lease != 0)
     coord_lease_keepalive_stop(r->c, lease);
-    if (revoke)
-      rc = coord_lease_revoke(r->c, lease);
-  }
+  return lease;
+}
+
+/* reg_detach, then revoke the lease (deleting the key if it still carries
+ * it) and free r.  A lease already gone is not an error. */
+static int reg_retire(struct coord_registry_state *rs, struct reg *r) {
+  coord_t *c = r->c;
+  int64_t lease = reg_detach(rs, r);
   reg_free(r);
+  int rc = lease != 0 ? coord_lease_revoke(c, lease) : 0;
+  if (rc == COORD_ENOTFOUND)
+    rc = 0;
   return rc;
 }
 
@@ -559,22 +579,17 @@ int coord_registry_register(coord_t *c, const coord_service_t *svc, int64_t ttl_
   for (struct reg *o = rs->list; o != NULL && !closing; o = o->next)
     if (strcmp(o->name, r->name) == 0 && strcmp(o->id, r->id) == 0)
       old = o;
+  /* Replacing our own registration: stop the old one's renewals first, so
+   * that none of its steps starts a new put; its lease is revoked once the
+   * key carries the new one.  (A put of the old one already in flight that
+   * lands after ours dies with that revoke, and our key watch heals it.) */
+  if (old != NULL)
+    old->state = REG_REMOVED;
   pthread_mutex_unlock(&rs->mu);
   if (closing) {
     pthread_mutex_unlock(&rs->op_mu);
     reg_free(r);
     return coord__err(COORD_ECLOSED, "%s: client is closing", fn);
-  }
-
-  /* Replacing our own registration: stop the old one's renewals first so
-   * that none of its steps can overwrite the new document; its lease is
-   * revoked once the key carries the new lease. */
-  int64_t old_lease = 0;
-  if (old != NULL) {
-    pthread_mutex_lock(&rs->mu);
-    old->state = REG_REMOVED;
-    old_lease = old->lease;
-    pthread_mutex_unlock(&rs->mu);
   }
 
   int64_t lease = 0;
@@ -592,23 +607,12 @@ int coord_registry_register(coord_t *c, const coord_service_t *svc, int64_t ttl_
     }
   }
   if (rc < 0) {
+    /* A replacement that failed leaves the instance unregistered. */
     if (old != NULL) {
-      /* The old registration goes on as it was: ACTIVE if it had a lease,
-       * else RENEWING, with its chain started again if it had stopped. */
-      int restart = 0;
-      pthread_mutex_lock(&rs->mu);
-      if (old->lease != 0) {
-        old->state = REG_ACTIVE;
-      } else {
-        old->state = REG_RENEWING;
-        if (old->refs == 1) {
-          old->refs++;
-          restart = 1;
-        }
-      }
-      pthread_mutex_unlock(&rs->mu);
-      if (restart)
-        coord__after(c, 0, retry_timer, old);
+      char detail[512];
+      snprintf(detail, sizeof detail, "%s", coord_last_error());
+      (void)reg_retire(rs, old);
+      coord__err(rc, "%s", detail);
     }
     pthread_mutex_unlock(&rs->op_mu);
     reg_free(r);
@@ -617,25 +621,25 @@ int coord_registry_register(coord_t *c, const coord_service_t *svc, int64_t ttl_
   r->lease = lease;
   r->put_rev = res->revision;
   coord_kv_result_free(res);
-
   if (old != NULL)
-    (void)reg_retire(rs, old, 0);
-  if (old_lease != 0 && old_lease != lease)
-    (void)coord_lease_revoke(c, old_lease); /* the key now carries the new lease */
+    (void)reg_retire(rs, old); /* the key now carries the new lease */
 
+  /* On the list, ACTIVE, and kept alive, all under mu (see chain_put_done). */
   pthread_mutex_lock(&rs->mu);
-  r->next = rs->list;
-  rs->list = r;
-  pthread_mutex_unlock(&rs->mu);
-
   rc = coord_lease_keepalive(c, lease, lease_lost_cb, rs);
+  if (rc == 0) {
+    r->next = rs->list;
+    rs->list = r;
+  }
+  pthread_mutex_unlock(&rs->mu);
   if (rc == 0)
     rc = coord__watch_add(c, r->key, 0, r->put_rev + 1, key_watch_cb, r, &r->watcher);
   if (rc < 0) {
-    int keep = rc;
-    (void)reg_retire(rs, r, 1);
+    char detail[512];
+    snprintf(detail, sizeof detail, "%s", coord_last_error());
+    (void)reg_retire(rs, r); /* revokes the lease: the key goes */
     pthread_mutex_unlock(&rs->op_mu);
-    return coord__err(keep, "%s: cannot keep %s alive: %s", fn, r->key, coord_strerror(keep));
+    return coord__err(rc, "%s: cannot keep %s/%s alive: %s", fn, svc->name, svc->id, detail);
   }
   pthread_mutex_unlock(&rs->op_mu);
   return 0;
@@ -650,32 +654,35 @@ int coord_registry_unregister(coord_t *c, const char *name, const char *id) {
     return rc;
   assert(!coord__on_event_thread(c));
   struct coord_registry_state *rs = coord__slot_get(c, COORD__SLOT_REGISTRY);
-  struct reg *mine = NULL;
   if (rs != NULL) {
+    struct reg *mine = NULL;
     pthread_mutex_lock(&rs->op_mu);
     pthread_mutex_lock(&rs->mu);
     for (struct reg *r = rs->list; r != NULL; r = r->next)
       if (strcmp(r->name, name) == 0 && strcmp(r->id, id) == 0)
         mine = r;
     pthread_mutex_unlock(&rs->mu);
-    if (mine != NULL)
-      (void)reg_retire(rs, mine, 1); /* revoking the lease deletes the key */
-  }
-  /* Delete the key as well: it may belong to another client, or a renewal
-   * may have been cut short; without a key of ours to delete, ENOTFOUND. */
-  char *key = coord__sprintf(SERVICES_ROOT "%s/%s", name, id);
-  if (key == NULL) {
-    rc = coord__err(COORD_ENOMEM, "%s: out of memory", fn);
-  } else {
-    coord_kv_result_t *res = NULL;
-    rc = coord_kv_delete(c, key, NULL, &res);
-    if (rc == 0 && res != NULL && res->count == 0 && mine == NULL)
-      rc = coord__err(COORD_ENOTFOUND, "%s: no instance %s", fn, key);
-    coord_kv_result_free(res);
-    free(key);
-  }
-  if (rs != NULL)
+    if (mine != NULL) {
+      /* Revoking our lease deletes the key if it is still ours (if another
+       * client has put it since, it is theirs and stays). */
+      rc = reg_retire(rs, mine);
+      pthread_mutex_unlock(&rs->op_mu);
+      if (rc < 0)
+        return coord__err(rc, "%s: revoking the lease of %s/%s: %s", fn, name, id, coord_strerror(rc));
+      return 0;
+    }
     pthread_mutex_unlock(&rs->op_mu);
+  }
+  /* Not registered by this client: delete the instance key itself. */
+  char *key = coord__sprintf(SERVICES_ROOT "%s/%s", name, id);
+  if (key == NULL)
+    return coord__err(COORD_ENOMEM, "%s: out of memory", fn);
+  coord_kv_result_t *res = NULL;
+  rc = coord_kv_delete(c, key, NULL, &res);
+  if (rc == 0 && res != NULL && res->count == 0)
+    rc = coord__err(COORD_ENOTFOUND, "%s: no instance %s", fn, key);
+  coord_kv_result_free(res);
+  free(key);
   return rc;
 }
 
@@ -709,22 +716,66 @@ static void event_thread_fence(coord_t *c) {
   pthread_cond_destroy(&f.cv);
 }
 
+/* Revokes at close: all at once, each bounded, so that a close with etcd
+ * gone takes one timeout, not one per registration. */
+#define CLOSE_REVOKE_TIMEOUT_MS 2000
+
+struct revoke_wait {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  size_t pending;
+};
+
+static void close_revoked(coord_t *c, int status, ProtobufCMessage *resp, void *arg) {
+  COORD_UNUSED(c);
+  COORD_UNUSED(status);
+  COORD_UNUSED(resp);
+  struct revoke_wait *w = arg;
+  pthread_mutex_lock(&w->mu);
+  assert(w->pending > 0);
+  w->pending--;
+  pthread_cond_broadcast(&w->cv);
+  pthread_mutex_unlock(&w->mu);
+}
+
 void coord__registry_close(coord_t *c) {
   struct coord_registry_state *rs = coord__slot_get(c, COORD__SLOT_REGISTRY);
   if (rs == NULL)
     return;
+  assert(!coord__on_event_thread(c));
   pthread_mutex_lock(&rs->op_mu);
   pthread_mutex_lock(&rs->mu);
   rs->closing = 1;
   pthread_mutex_unlock(&rs->mu);
+  struct revoke_wait w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
   for (;;) {
     pthread_mutex_lock(&rs->mu);
     struct reg *r = rs->list;
     pthread_mutex_unlock(&rs->mu);
     if (r == NULL)
       break;
-    (void)reg_retire(rs, r, 1);
+    int64_t lease = reg_detach(rs, r);
+    reg_free(r);
+    if (lease == 0)
+      continue;
+    Etcdserverpb__LeaseRevokeRequest req = ETCDSERVERPB__LEASE_REVOKE_REQUEST__INIT;
+    req.id = lease;
+    pthread_mutex_lock(&w.mu);
+    w.pending++;
+    pthread_mutex_unlock(&w.mu);
+    if (coord__unary_async(c, &coord__m_lease_revoke, &req.base, CLOSE_REVOKE_TIMEOUT_MS, close_revoked, &w) <
+        0) {
+      pthread_mutex_lock(&w.mu);
+      w.pending--;
+      pthread_mutex_unlock(&w.mu);
+    }
   }
+  pthread_mutex_lock(&w.mu);
+  while (w.pending > 0)
+    pthread_cond_wait(&w.cv, &w.mu);
+  pthread_mutex_unlock(&w.mu);
+  pthread_mutex_destroy(&w.mu);
+  pthread_cond_destroy(&w.cv);
   pthread_mutex_unlock(&rs->op_mu);
   /* Every lease of ours has left the keep-alive set, but a "lost" call
    * collected just before may still be running with rs as its argument. */
