@@ -60,7 +60,7 @@ TPROG_BIN := $(patsubst tests/c/%.c,$(B)/tests/%,$(TPROG_SRC))
 UNIT_SRC := $(wildcard tests/unit/test_*.c)
 UNIT_BIN := $(patsubst tests/unit/%.c,$(B)/unit/%,$(UNIT_SRC))
 
-.PHONY: all deps test test-unit test-e2e run bench soak format clean install uninstall
+.PHONY: all deps test test-unit test-e2e test-valgrind run bench soak format clean install uninstall deb
 all: $(LIB) $(LIBA) $(FS) $(TOOL_BIN) $(EX_BIN) $(TPROG_BIN) $(UNIT_BIN)
 
 deps:
@@ -124,6 +124,15 @@ test-unit: $(UNIT_BIN)
 test-e2e:
 	COORD_BUILD=$(CURDIR)/$(B) SANITIZE=$(SANITIZE) /usr/bin/python3 -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
 
+# The C unit tests and the C test programs under valgrind memcheck
+# (plain build only: valgrind and the sanitizers do not mix).
+VG := valgrind --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite -q
+test-valgrind: deps
+	$(MAKE) all
+	@for t in $(UNIT_BIN); do $(VG) $$t >/dev/null || { echo "valgrind: $$t failed"; exit 1; }; done
+	@echo "valgrind: unit tests clean"
+	COORD_BUILD=$(CURDIR)/$(B) COORD_VALGRIND=1 /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/test_valgrind.py
+
 run: deps
 	$(MAKE) all
 	@scripts/run
@@ -138,3 +147,64 @@ format:
 
 clean:
 	rm -rf build build-san
+
+# ---- install / uninstall / deb (issue 9) ------------------------------------
+# make install [PREFIX=/usr/local] [DESTDIR=staging] [LIBDIR=...]: libcoord.so
+# (soname libcoord.so.$(SOVERSION), file libcoord.so.$(LIBVERSION)), libcoord.a,
+# coord.h, libcoord.pc, coordfs + the mount helper mount.fuse.coordfs, the
+# coord-register / coord-env / coord-xds tools, man pages, systemd units.
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+BINDIR ?= $(PREFIX)/bin
+SBINDIR ?= $(PREFIX)/sbin
+MANDIR ?= $(PREFIX)/share/man
+DOCDIR ?= $(PREFIX)/share/doc/coord
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+MOUNT_FUSE ?= /sbin/mount.fuse3
+# paths in the .pc relative to ${prefix} when they are under it
+pc_rel = $(patsubst $(PREFIX)/%,$${prefix}/%,$(1))
+INSTALL_SCRIPTS := examples/coord-register examples/coord-env
+
+install: $(LIB) $(LIBA) $(FS) $(TOOL_BIN)
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(INCLUDEDIR) \
+	  $(DESTDIR)$(BINDIR) $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man3 $(DESTDIR)$(MANDIR)/man8 \
+	  $(DESTDIR)$(SYSTEMDUNITDIR) $(DESTDIR)$(DOCDIR)/examples
+	install -m 0755 $(LIB) $(DESTDIR)$(LIBDIR)/libcoord.so.$(LIBVERSION)
+	ln -sf libcoord.so.$(LIBVERSION) $(DESTDIR)$(LIBDIR)/libcoord.so.$(SOVERSION)
+	ln -sf libcoord.so.$(SOVERSION) $(DESTDIR)$(LIBDIR)/libcoord.so
+	install -m 0644 $(LIBA) $(DESTDIR)$(LIBDIR)/libcoord.a
+	install -m 0644 libcoord/include/coord.h $(DESTDIR)$(INCLUDEDIR)/coord.h
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(call pc_rel,$(LIBDIR))|' \
+	  -e 's|@INCLUDEDIR@|$(call pc_rel,$(INCLUDEDIR))|' -e 's|@VERSION@|$(LIBVERSION)|' \
+	  packaging/libcoord.pc.in > $(DESTDIR)$(PKGCONFIGDIR)/libcoord.pc
+	install -m 0755 $(FS) $(DESTDIR)$(SBINDIR)/coordfs
+	ln -sf $(MOUNT_FUSE) $(DESTDIR)$(SBINDIR)/mount.fuse.coordfs
+	install -m 0755 $(TOOL_BIN) $(INSTALL_SCRIPTS) $(DESTDIR)$(BINDIR)/
+	install -m 0644 docs/man/libcoord.3 $(DESTDIR)$(MANDIR)/man3/libcoord.3
+	install -m 0644 docs/man/coordfs.8 $(DESTDIR)$(MANDIR)/man8/coordfs.8
+	for u in packaging/systemd/*.service packaging/systemd/*.mount; do \
+	  sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@BINDIR@|$(BINDIR)|g' $$u > $(DESTDIR)$(SYSTEMDUNITDIR)/$$(basename $$u); done
+	install -m 0644 $$(ls examples/* | grep -v '/coord-') $(DESTDIR)$(DOCDIR)/examples/
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then ldconfig; fi
+
+uninstall:
+	rm -f $(DESTDIR)$(LIBDIR)/libcoord.so.$(LIBVERSION) $(DESTDIR)$(LIBDIR)/libcoord.so.$(SOVERSION) \
+	  $(DESTDIR)$(LIBDIR)/libcoord.so $(DESTDIR)$(LIBDIR)/libcoord.a $(DESTDIR)$(PKGCONFIGDIR)/libcoord.pc \
+	  $(DESTDIR)$(INCLUDEDIR)/coord.h $(DESTDIR)$(SBINDIR)/coordfs $(DESTDIR)$(SBINDIR)/mount.fuse.coordfs \
+	  $(patsubst %,$(DESTDIR)$(BINDIR)/%,$(notdir $(TOOL_BIN) $(INSTALL_SCRIPTS))) \
+	  $(DESTDIR)$(MANDIR)/man3/libcoord.3 $(DESTDIR)$(MANDIR)/man8/coordfs.8 \
+	  $(patsubst packaging/systemd/%,$(DESTDIR)$(SYSTEMDUNITDIR)/%,$(wildcard packaging/systemd/*.service packaging/systemd/*.mount))
+	rm -rf $(DESTDIR)$(DOCDIR)
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then ldconfig; fi
+
+# make deb [DEBDIR=build/deb]: the Debian packages (libcoord0, libcoord-dev,
+# coordfs), built by dpkg-buildpackage in a copy of the tracked sources so
+# that its clean step never touches this tree.  The .debs land in DEBDIR.
+DEBDIR ?= build/deb
+deb:
+	rm -rf $(DEBDIR)/src && mkdir -p $(DEBDIR)/src
+	git ls-files -co --exclude-standard | grep -v '^\(build\|build-san\|mnt\|\.run\)/' | \
+	  tar -cf - -T - | tar -xf - -C $(DEBDIR)/src
+	cd $(DEBDIR)/src && dpkg-buildpackage -us -uc -b
+	@ls -1 $(DEBDIR)/*.deb
