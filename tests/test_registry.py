@@ -182,3 +182,50 @@ def test_invalid_registration_rejected(etcd):
         assert r.returncode == 1, r.stdout + r.stderr
         assert "invalid argument" in r.stderr
     assert etcd.get_prefix("/services/") == {}
+
+
+def test_expired_lease_reregisters(etcd):
+    """The registering process is paused (SIGSTOP) past its lease's TTL: etcd
+    expires the lease and deletes the key; once resumed, the client notices
+    and registers again by itself."""
+    import os
+    import signal
+    p = start_instance(etcd, "paused", "p1", ttl_ms=2000)
+    key = "/services/paused/p1"
+    try:
+        old = lease_of(etcd, key)
+        os.kill(p.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: etcd.get(key) is None, 10.0, what="lease expiry while paused")
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        new = wait_for(lambda: (lambda l: l if l and l != old else None)(lease_of(etcd, key)), 5.0,
+                       what="re-registration after expiry")
+        assert new != old
+        time.sleep(3)  # and it stays registered (kept alive)
+        assert lease_of(etcd, key) == new
+    finally:
+        stop_instance(p)
+    assert etcd.get(key) is None
+
+
+def test_registration_survives_etcd_restart(etcd):
+    """etcd goes away for longer than the TTL and comes back: the instance
+    is registered again (new lease) and kept alive."""
+    p = start_instance(etcd, "survivor", "s1", ttl_ms=2000)
+    key = "/services/survivor/s1"
+    try:
+        m = etcd.members[0]
+        m.stop()
+        time.sleep(4)
+        m.restart()
+        wait_for(lambda: lease_of(etcd, key), 10.0, what="registration after etcd restart")
+        time.sleep(4)  # longer than the TTL: kept alive on the new stream
+        lease = lease_of(etcd, key)
+        assert lease
+        ttl = etcd.etcdctl_json("lease", "timetolive", "%x" % lease)
+        assert ttl["ttl"] > 0
+        assert json.loads(etcd.get(key))["id"] == "s1"
+    finally:
+        stop_instance(p)
+    assert etcd.get(key) is None
