@@ -263,7 +263,9 @@ typedef struct coord_watch_opts {
 
 /* A watch never loses or repeats an event: across reconnects it resumes from
  * the last revision + 1; if that was compacted it re-reads and emits the
- * difference (PUTs for changed keys, DELETEs for vanished ones). */
+ * difference (PUTs for changed keys, DELETEs for vanished ones).  Without a
+ * start revision it starts at the revision current when the call returns
+ * (one round trip): every later change is delivered. */
 int coord_watch_create(coord_t *c, const char *key, const coord_watch_opts_t *opts, coord_watch_t **out);
 /* Readable (POLLIN) while events are pending. */
 int coord_watch_fd(coord_watch_t *w);

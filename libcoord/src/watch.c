@@ -762,6 +762,19 @@ int coord__watch_public(coord_t *c, const char *key, const coord_watch_opts_t *o
   coord_watch_opts_t o = opts ? *opts : (coord_watch_opts_t){0};
   if (o.start_revision < 0)
     return coord__err(COORD_EINVAL, "coord_watch_create: negative start revision");
+  if (o.start_revision == 0 && !coord__on_event_thread(c)) {
+    /* "From now" means from the revision current when this returns: every
+     * change made after the call is delivered, none before it. */
+    coord_range_opts_t ro = {0};
+    ro.count_only = 1;
+    ro.prefix = !*key;
+    coord_kv_result_t *r = NULL;
+    int rc = coord_kv_get(c, key, &ro, &r);
+    if (rc)
+      return rc;
+    o.start_revision = r->revision + 1;
+    coord_kv_result_free(r);
+  }
   coord_watch_t *pw = calloc(1, sizeof *pw);
   if (!pw)
     return coord__err(COORD_ENOMEM, "out of memory");
