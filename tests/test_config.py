@@ -27,7 +27,7 @@ def raw(etcd, key):
     return base64.b64decode(kvs[0].get("value", "")) if kvs else None
 
 
-@pytest.mark.parametrize("scenario", ["roundtrip", "pack", "errors", "list", "watch"])
+@pytest.mark.parametrize("scenario", ["roundtrip", "pack", "errors", "list", "watch", "namespace"])
 def test_config_scenarios(etcd, scenario):
     require_build("tests/config_checks")
     r = run_prog("tests/config_checks", scenario, endpoints=etcd, check=False, result=True, timeout=120)

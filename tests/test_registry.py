@@ -23,7 +23,8 @@ def checks(etcd, scenario, timeout=120):
     return out.stdout
 
 
-@pytest.mark.parametrize("scenario", ["documents", "arguments", "lifecycle", "healing", "watch", "foreign"])
+@pytest.mark.parametrize("scenario", ["documents", "arguments", "lifecycle", "healing", "watch", "foreign",
+                                      "namespace", "threads"])
 def test_registry_scenarios(etcd, scenario):
     checks(etcd, scenario)
 

@@ -435,12 +435,51 @@ out:
   printf("ok watch\n");
 }
 
+static void namespace(void) {
+  coord_config_t cfg = coord_default_config();
+  cfg.prefix = "/tenant-a";
+  coord_t *ns = NULL;
+  CHECK_RC(coord_new(&cfg, &ns), 0);
+  coord_t *plain = client();
+  if (!ns)
+    return;
+  coord_watch_t *w = NULL;
+  CHECK_RC(coord_config_watch_prefix(ns, "svc", 0, &w), 0);
+  json_t *v = parse("{\"a\":1}");
+  CHECK_RC(coord_config_set(ns, "svc/x", v), 0);
+  /* stored under the namespace */
+  coord_kv_result_t *r = NULL;
+  CHECK_RC(coord_kv_get(plain, "/tenant-a/config/svc/x", NULL, &r), 0);
+  CHECK(r && r->n == 1 && strcmp(r->kvs[0].value, "{\"a\":1}") == 0);
+  coord_kv_result_free(r);
+  json_t *back = NULL;
+  CHECK_RC(coord_config_get(plain, "svc/x", &back), COORD_ENOTFOUND);
+  CHECK_RC(coord_config_get(ns, "svc/x", &back), 0);
+  CHECK(back && json_equal(back, v));
+  json_decref(back);
+  json_t *all = NULL;
+  CHECK_RC(coord_config_list(ns, NULL, &all), 0);
+  CHECK(all && json_object_size(all) == 1 && json_object_get(all, "svc/x"));
+  json_decref(all);
+  if (w) {
+    coord_event_t *ev = next_event(w);
+    CHECK(is_event(ev, COORD_EVENT_PUT, "svc/x", "{\"a\":1}"));
+    coord_event_free(ev);
+  }
+  coord_watch_close(w);
+  json_decref(v);
+  coord_close(plain);
+  coord_close(ns);
+  printf("ok namespace\n");
+}
+
 int main(int argc, char **argv) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   static const struct {
     const char *name;
     void (*fn)(void);
-  } all[] = {{"roundtrip", roundtrip}, {"pack", pack}, {"errors", errors}, {"list", list}, {"watch", watch}};
+  } all[] = {{"roundtrip", roundtrip}, {"pack", pack},   {"errors", errors},
+             {"list", list},           {"watch", watch}, {"namespace", namespace}};
   size_t nall = sizeof all / sizeof all[0];
   for (size_t i = 0; i < nall; i++) {
     int run = argc < 2;

@@ -479,13 +479,141 @@ static void foreign(void) {
   printf("ok foreign\n");
 }
 
+/* ---------------------------------------------------------------- namespace */
+
+static void namespace(void) {
+  coord_config_t cfg = coord_default_config();
+  cfg.prefix = "/tenant-b";
+  coord_t *ns = NULL;
+  CHECK_RC(coord_new(&cfg, &ns), 0);
+  coord_t *plain = client();
+  if (!ns)
+    return;
+  coord_watch_t *w = NULL;
+  CHECK_RC(coord_registry_watch(ns, NULL, 0, &w), 0);
+  coord_service_t a = {.id = "n1", .name = "nsvc", .address = "h", .port = 5};
+  CHECK_RC(coord_registry_register(ns, &a, 0), 0);
+  coord_kv_result_t *r = raw_get(plain, "/tenant-b/services/nsvc/n1");
+  CHECK(r != NULL && r->kvs[0].lease != 0);
+  coord_kv_result_free(r);
+  coord_service_t *list = NULL;
+  size_t n = 0;
+  CHECK_RC(coord_registry_discover(plain, "nsvc", &list, &n), 0);
+  CHECK(n == 0);
+  coord_service_list_free(list, n);
+  CHECK_RC(coord_registry_discover(ns, "nsvc", &list, &n), 0);
+  CHECK(n == 1 && strcmp(list[0].id, "n1") == 0);
+  coord_service_list_free(list, n);
+  if (w) {
+    coord_event_t *ev = next_event(w);
+    CHECK(ev && ev->type == COORD_EVENT_PUT && ev->name && strcmp(ev->name, "nsvc") == 0);
+    coord_event_free(ev);
+  }
+  coord_watch_close(w);
+  /* healing works under a namespace too */
+  r = raw_get(plain, "/tenant-b/services/nsvc/n1");
+  int64_t lease = r ? r->kvs[0].lease : 0;
+  coord_kv_result_free(r);
+  CHECK_RC(coord_lease_revoke(plain, lease), 0);
+  CHECK(wait_new_lease(plain, "/tenant-b/services/nsvc/n1", lease, 2000) >= 0);
+  coord_close(ns);
+  r = raw_get(plain, "/tenant-b/services/nsvc/n1");
+  CHECK(r == NULL);
+  coord_kv_result_free(r);
+  coord_close(plain);
+  printf("ok namespace\n");
+}
+
+/* ---------------------------------------------------------------- threads */
+
+#include <pthread.h>
+
+struct worker {
+  coord_t *c;
+  int index;
+  int errors;
+};
+
+/* Registers, replaces and unregisters instances from several threads on one
+ * client, while the main thread revokes their leases behind their back. */
+static void *worker_main(void *arg) {
+  struct worker *wk = arg;
+  char id[32];
+  for (int i = 0; i < 15; i++) {
+    snprintf(id, sizeof id, "t%d-%d", wk->index, i % 4);
+    coord_service_t s = {.id = id, .name = "threads", .address = "127.0.0.1", .port = 1000 + i};
+    if (coord_registry_register(wk->c, &s, 3000) != 0)
+      wk->errors++;
+    if (i % 3 == 2) {
+      int rc = coord_registry_unregister(wk->c, "threads", id);
+      if (rc != 0 && rc != COORD_ENOTFOUND)
+        wk->errors++;
+    }
+  }
+  return NULL;
+}
+
+static void threads(void) {
+  coord_t *c = client();
+  coord_t *other = client();
+  enum { NT = 4 };
+  struct worker wk[NT];
+  pthread_t th[NT];
+  for (int i = 0; i < NT; i++) {
+    wk[i] = (struct worker){c, i, 0};
+    pthread_create(&th[i], NULL, worker_main, &wk[i]);
+  }
+  /* revoke whatever leases are there, a few times, while they work */
+  for (int round = 0; round < 10; round++) {
+    coord_kv_result_t *r = NULL;
+    coord_range_opts_t pre = {.prefix = 1};
+    if (coord_kv_get(other, "/services/threads/", &pre, &r) == 0) {
+      for (size_t i = 0; i < r->n; i++)
+        (void)coord_lease_revoke(other, r->kvs[i].lease);
+      coord_kv_result_free(r);
+    }
+    sleep_ms(20);
+  }
+  for (int i = 0; i < NT; i++) {
+    pthread_join(th[i], NULL);
+    CHECK(wk[i].errors == 0);
+  }
+  /* every instance still registered comes back: t<i>-0..3 (the last round
+   * of each id: i = 11..14 -> 11%4=3 (unregistered: 11%3=2), 12%4=0,
+   * 13%4=1, 14%4=2 (unregistered: 14%3=2)) */
+  const char *want[] = {"t0-0", "t0-1", "t1-0", "t1-1", "t2-0", "t2-1", "t3-0", "t3-1"};
+  int64_t t0 = now_ms();
+  size_t n = 0;
+  coord_service_t *list = NULL;
+  while (now_ms() - t0 < 3000) {
+    CHECK_RC(coord_registry_discover(other, "threads", &list, &n), 0);
+    coord_service_list_free(list, n);
+    list = NULL;
+    if (n >= 8)
+      break;
+    sleep_ms(20);
+  }
+  CHECK_RC(coord_registry_discover(other, "threads", &list, &n), 0);
+  CHECK(n == 8);
+  for (size_t i = 0; i < n && i < 8; i++)
+    CHECK(strcmp(list[i].id, want[i]) == 0);
+  coord_service_list_free(list, n);
+  coord_close(c);
+  CHECK_RC(coord_registry_discover(other, "threads", &list, &n), 0);
+  CHECK(n == 0);
+  coord_service_list_free(list, n);
+  coord_close(other);
+  printf("ok threads\n");
+}
+
 int main(int argc, char **argv) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   static const struct {
     const char *name;
     void (*fn)(void);
   } all[] = {{"documents", documents}, {"arguments", arguments}, {"lifecycle", lifecycle},
-             {"healing", healing},     {"watch", watch},         {"foreign", foreign}};
+             {"healing", healing},     {"watch", watch},         {"foreign", foreign},
+             {"namespace", namespace}, {"threads", threads}};
   size_t nall = sizeof all / sizeof all[0];
   for (size_t i = 0; i < nall; i++) {
     int run = argc < 2;
