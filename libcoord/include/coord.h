@@ -367,7 +367,11 @@ int coord_registry_get_connection_lb(coord_t *c, const char *name, coord_lb_poli
  * GRPC_EXPERIMENTAL_XDS_CUSTOM_LB_CONFIG=true, which pick_first needs in
  * gRPC 1.51).  If the process already has GRPC_XDS_BOOTSTRAP or
  * GRPC_XDS_BOOTSTRAP_CONFIG of its own, it fails with COORD_EEXIST instead
- * of overriding it.  Round robin is the default; COORD_LB_PICK_FIRST
+ * of overriding it; one coord_t per process owns the bootstrap at a time
+ * (another client's get_connection fails with COORD_EEXIST until the owner
+ * is closed; gRPC reads the bootstrap only when its process-wide xDS client
+ * is created, so destroy the old owner's channels first).  Round robin is
+ * the default; COORD_LB_PICK_FIRST
  * resolves xds:///pick_first/<name> (authority <name>).  The channel
  * belongs to the caller (grpc_channel_destroy).
  *
