@@ -410,3 +410,17 @@ def test_ads_protocol(etcd, backends, tmp_path):
     err = xds.stderr.read()
     assert not sanitizer_report(err), err
     assert "NACKed EDS" in err and "resolver_ads test nack" in err, err
+
+
+def test_one_client_many_channels(etcd, backends):
+    """One process: round_robin channels to two services and a pick_first
+    channel, all served by the same in-process xDS server."""
+    prog = require_build("tests/resolver_multi")
+    for i in range(2):
+        backends(etcd, "ma", "a%d" % i)
+        backends(etcd, "mb", "b%d" % i)
+    out = run_prog(prog, "ma", "mb", 100, endpoints=etcd)
+    assert "PASS failed=0" in out, out[-2000:]
+    for line in out.splitlines()[:-1]:
+        ch, who = line.split()
+        assert who.startswith("a" if ch.startswith("A") else "b"), line
