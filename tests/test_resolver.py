@@ -198,7 +198,8 @@ def test_round_robin_three_backends(etcd, backends):
 def test_pick_first(etcd, backends):
     for i in range(3):
         backends(etcd, "pf", "b%d" % i)
-    res = client_run(etcd, "pf", "--count", 30, "--pick-first")
+    # long enough for round robin to have spread over all three
+    res = client_run(etcd, "pf", "--count", 100, "--interval-ms", 3, "--pick-first")
     assert all(r[1] == "OK" for r in res), res
     assert len({r[2] for r in res}) == 1, res
 
