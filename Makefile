@@ -13,7 +13,12 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 
 CC ?= cc
-ifeq ($(SANITIZE),1)
+ifeq ($(FUZZ),1)
+  # libFuzzer build (make fuzz): clang, coverage on libcoord, ASan + UBSan
+  B := build-fuzz
+  CC := clang
+  SANFLAGS := -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer
+else ifeq ($(SANITIZE),1)
   B := build-san
   SANFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 else
@@ -60,7 +65,7 @@ TPROG_BIN := $(patsubst tests/c/%.c,$(B)/tests/%,$(TPROG_SRC))
 UNIT_SRC := $(wildcard tests/unit/test_*.c)
 UNIT_BIN := $(patsubst tests/unit/%.c,$(B)/unit/%,$(UNIT_SRC))
 
-.PHONY: all deps test test-unit test-e2e test-valgrind run bench soak format clean install uninstall deb
+.PHONY: all deps test test-unit test-e2e test-valgrind fuzz run bench soak format clean install uninstall deb
 all: $(LIB) $(LIBA) $(FS) $(TOOL_BIN) $(EX_BIN) $(TPROG_BIN) $(UNIT_BIN)
 
 deps:
@@ -124,6 +129,19 @@ test-unit: $(UNIT_BIN)
 test-e2e:
 	COORD_BUILD=$(CURDIR)/$(B) SANITIZE=$(SANITIZE) /usr/bin/python3 -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
 
+# Fuzzing: one libFuzzer target per parser of outside data
+# (tests/fuzz/fuzz_*.c), each run for FUZZ_SECONDS from its seed corpus.
+FUZZ_SECONDS ?= 20
+FUZZ_SRC := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZ_BIN := $(patsubst tests/fuzz/%.c,build-fuzz/fuzz/%,$(FUZZ_SRC))
+fuzz: deps
+	$(MAKE) FUZZ=1 $(FUZZ_BIN)
+	@scripts/run-fuzz $(FUZZ_SECONDS) $(FUZZ_BIN)
+
+build-fuzz/fuzz/%: tests/fuzz/%.c $(LIBA)
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -fsanitize=fuzzer -o $@ $< $(LIBA) $(LDFLAGS) $(PKG_LIBS_CORE)
+
 # The C unit tests and the C test programs under valgrind memcheck
 # (plain build only: valgrind and the sanitizers do not mix).
 VG := valgrind --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite -q
@@ -146,7 +164,7 @@ format:
 	clang-format -i $$(git ls-files '*.c' '*.h')
 
 clean:
-	rm -rf build build-san
+	rm -rf build build-san build-fuzz
 
 # ---- install / uninstall / deb (issue 9) ------------------------------------
 # make install [PREFIX=/usr/local] [DESTDIR=staging] [LIBDIR=...]: libcoord.so

@@ -63,6 +63,13 @@ size_t coord__ns_len(coord_t *c);
 int coord__kv_from_pb(coord_t *c, const Mvccpb__KeyValue *pb, coord_kv_t *out);
 void coord__kv_clear(coord_kv_t *kv);
 
+/* ---------------------------------------------------------------- endpoints */
+
+/* "h:p,http://h:p,https://h:p" -> NULL-terminated array of "h:p"; *tls set
+ * if any is https.  Pure: fuzzed by tests/fuzz/fuzz_endpoints.c. */
+int coord__parse_endpoints(const char *list, char ***out, size_t *n, int *tls);
+void coord__endpoints_free(char **ep);
+
 /* ---------------------------------------------------------------- calls */
 
 typedef struct coord__method {

@@ -116,19 +116,26 @@ static int config_check(const coord_config_t *cfg) {
   return 0;
 }
 
-/* Splits "a:1,http://b:2" into host:port strings; https:// turns on TLS. */
-static int parse_endpoints(coord_t *c, const char *list, int *tls) {
+/* Splits "a:1,http://b:2" into host:port strings; https:// turns on TLS.
+ * Pure (no client needed), so that it can be fuzzed.  *out is a
+ * NULL-terminated array freed with coord__endpoints_free. */
+int coord__parse_endpoints(const char *list, char ***out, size_t *n, int *tls) {
+  *out = NULL;
+  *n = 0;
+  if (!list)
+    return coord__err(COORD_EINVAL, "endpoints: NULL");
   char *copy = coord__strdup(list), *save = NULL;
   if (!copy)
     return COORD_ENOMEM;
-  size_t cap = 1;
+  size_t cap = 2;
   for (const char *p = list; *p; p++)
     cap += *p == ',';
-  c->ep = calloc(cap, sizeof *c->ep);
-  if (!c->ep) {
+  char **ep = calloc(cap, sizeof *ep);
+  if (!ep) {
     free(copy);
     return COORD_ENOMEM;
   }
+  size_t count = 0;
   int rc = 0;
   for (char *tok = strtok_r(copy, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
     while (*tok == ' ')
@@ -151,22 +158,39 @@ static int parse_endpoints(coord_t *c, const char *list, int *tls) {
     char *colon = strrchr(tok, ':');
     char *end = NULL;
     long port = colon ? strtol(colon + 1, &end, 10) : 0;
-    if (!colon || colon == tok || !end || *end || end == colon + 1 || port < 1 || port > 65535 ||
-        strchr(tok, ' ')) {
+    if (!colon || colon == tok || !end || *end || end == colon + 1 || colon[1] == '-' || colon[1] == '+' ||
+        port < 1 || port > 65535 || strpbrk(tok, " /?#@\t")) {
       rc = coord__err(COORD_EINVAL, "endpoint '%s' is not host:port", tok);
       break;
     }
-    c->ep[c->nep] = coord__strdup(tok);
-    if (!c->ep[c->nep]) {
+    assert(count + 1 < cap);
+    ep[count] = coord__strdup(tok);
+    if (!ep[count]) {
       rc = COORD_ENOMEM;
       break;
     }
-    c->nep++;
+    count++;
   }
   free(copy);
-  if (!rc && c->nep == 0)
+  if (!rc && count == 0)
     rc = coord__err(COORD_EINVAL, "no endpoint in '%s'", list);
-  return rc;
+  if (rc) {
+    coord__endpoints_free(ep);
+    return rc;
+  }
+  *out = ep;
+  *n = count;
+  return 0;
+}
+
+void coord__endpoints_free(char **ep) {
+  for (size_t i = 0; ep && ep[i]; i++)
+    free(ep[i]);
+  free(ep);
+}
+
+static int parse_endpoints(coord_t *c, const char *list, int *tls) {
+  return coord__parse_endpoints(list, &c->ep, &c->nep, tls);
 }
 
 static char *read_file(const char *path, int *rc) {
