@@ -32,7 +32,12 @@
  *     it off the list, mark it REMOVED, then wait on rs->cv until the
  *     in-flight steps have noticed and dropped their references; only then
  *     is the lease revoked and the reg freed.  A step that sees REMOVED
- *     revokes whatever lease it had just been granted and stops.
+ *     leaves the lease it had just been granted in r->lease and stops, so
+ *     that the retiring thread revokes it (synchronously: when unregister
+ *     returns, the key is gone).
+ *   - A lease is added to the keep-alive set under rs->mu in the same
+ *     section that makes the reg ACTIVE with it, so whoever retires the reg
+ *     later always finds the lease to stop.
  *   - The keep-alive "lost" callback gets rs (not the reg) and looks the
  *     reg up by lease id under rs->mu, so a late call about a lease we
  *     stopped finds nothing; rs itself is freed by close only after an
@@ -41,9 +46,13 @@
  *     removed (coord__watch_remove waits for a running callback) before the
  *     reg is freed.
  *
- * Invariants (asserted): an ACTIVE reg has a lease != 0; a RENEWING reg has
- * exactly one chain in flight (so refs >= 2 while on the list); refs > 0
- * while the reg is reachable.
+ * Invariants (asserted in reg_check_locked): an ACTIVE reg has a lease != 0
+ * and no chain (refs == 1); a RENEWING reg has lease 0 and exactly one chain
+ * in flight (refs == 2); a REMOVED reg is off the list.
+ *
+ * Watches (coord_registry_watch) start at the store revision read before
+ * they are created, so that every change made after the call returns is
+ * seen.
  */
 #include "internal.h"
 
@@ -288,6 +297,14 @@ static void reg_free(struct reg *r) {
   free(r);
 }
 
+/* The invariants of the file comment; caller holds rs->mu. */
+static void reg_check_locked(const struct reg *r) {
+  assert(r->refs >= 1);
+  assert(r->state != REG_ACTIVE || (r->lease != 0 && r->refs == 1));
+  assert(r->state != REG_RENEWING || (r->lease == 0 && r->refs == 2));
+  COORD_UNUSED(r);
+}
+
 /* Drops one reference; caller holds rs->mu.  The last one is the list's,
  * dropped by unregister/close after waiting, which frees the reg itself. */
 static void reg_unref_locked(struct reg *r) {
@@ -390,6 +407,7 @@ static void chain_put_done(coord_t *c, int status, coord_kv_result_t *res, void 
   r->backoff_ms = RETRY_MIN_MS;
   int64_t old = kept < 0 ? renew_begin_locked(r, lease) : 0; /* cannot keep it: start over */
   reg_unref_locked(r);
+  reg_check_locked(r);
   pthread_mutex_unlock(&rs->mu);
   if (old != 0)
     renew_start(r, old);
@@ -444,6 +462,7 @@ static int64_t renew_begin_locked(struct reg *r, int64_t lease) {
   r->state = REG_RENEWING;
   r->lease = 0;
   r->refs++; /* the chain's reference */
+  assert(r->refs >= 2);
   return lease;
 }
 
@@ -462,6 +481,7 @@ static void lease_lost_cb(int64_t id, void *arg) {
   pthread_mutex_lock(&rs->mu);
   for (struct reg *r = rs->list; r != NULL; r = r->next) {
     if (r->lease == id) {
+      reg_check_locked(r);
       old = renew_begin_locked(r, id);
       found = r;
       break;
@@ -479,6 +499,7 @@ static void key_watch_cb(void *arg, const coord_event_t *evs, size_t n, int stat
     return; /* watch ended; the keep-alive still reports lease loss */
   int64_t old = 0;
   pthread_mutex_lock(&r->rs->mu);
+  reg_check_locked(r);
   for (size_t i = 0; i < n && old == 0; i++) {
     if (evs[i].type == COORD_EVENT_DELETE && evs[i].revision > r->put_rev)
       old = renew_begin_locked(r, r->lease);
@@ -630,6 +651,7 @@ int coord_registry_register(coord_t *c, const coord_service_t *svc, int64_t ttl_
   if (rc == 0) {
     r->next = rs->list;
     rs->list = r;
+    reg_check_locked(r);
   }
   pthread_mutex_unlock(&rs->mu);
   if (rc == 0)
