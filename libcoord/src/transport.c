@@ -546,10 +546,14 @@ static void unary_unlink(unary_t *u) {
   pthread_mutex_unlock(&c->mu);
 }
 
-/* Ends the call: the callback, then the unary_t is freed. */
+static void waiter_cb(coord_t *c, int status, ProtobufCMessage *resp, void *arg);
+
+/* Ends the call: the callback, then the unary_t is freed.  The answer is
+ * freed after the callback, except for a blocking call's waiter, which
+ * takes it over (no copy of a large Range answer). */
 static void unary_finish(unary_t *u, int status, ProtobufCMessage *resp) {
   u->cb(u->c, status, resp, u->arg);
-  if (resp)
+  if (resp && u->cb != waiter_cb)
     protobuf_c_message_free_unpacked(resp, NULL);
   grpc_slice_unref(u->payload);
   unary_unlink(u);
@@ -751,20 +755,7 @@ static void waiter_cb(coord_t *c, int status, ProtobufCMessage *resp, void *arg)
   w->status = status;
   if (status)
     snprintf(w->detail, sizeof w->detail, "%s", coord_last_error());
-  /* take the message: repack-free hand-over by unpacking a copy */
-  if (resp) {
-    size_t n = protobuf_c_message_get_packed_size(resp);
-    uint8_t *buf = malloc(n ? n : 1);
-    if (buf) {
-      protobuf_c_message_pack(resp, buf);
-      w->resp = protobuf_c_message_unpack(resp->descriptor, NULL, n, buf);
-      free(buf);
-    }
-    if (!w->resp) {
-      w->status = COORD_ENOMEM;
-      snprintf(w->detail, sizeof w->detail, "out of memory");
-    }
-  }
+  w->resp = resp; /* taken over: unary_finish does not free it */
   w->done = 1;
   pthread_cond_signal(&w->cv);
   pthread_mutex_unlock(&w->mu);
