@@ -906,46 +906,86 @@ static void op_setlk(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, 
 
 /* ---------------------------------------------------------------- ops: directories */
 
+/* Directory listings are collected first (the tree modules call dir_add
+ * with g.lock held) and packed into dirents afterwards, when the inode
+ * numbers of names the kernel knows can be looked up. */
 struct dirfill {
   fuse_req_t req;
   const char *dir;
-  char *buf;
-  size_t len, cap;
+  size_t n, cap;
+  char **names;
+  mode_t *modes;
   int err;
 };
 
 static void dir_add(const char *name, mode_t mode, void *arg) {
   struct dirfill *d = arg;
-  struct stat st = {.st_mode = mode};
-  char *path = join(d->dir, name);
-  if (!path) {
-    d->err = ENOMEM;
-    return;
-  }
-  fuse_ino_t ino = cfs_inode_known(path);
-  if (!ino) { /* a stable number for a name the kernel has not looked up */
-    uint64_t h = 1469598103934665603ull;
-    for (const char *s = path; *s; s++)
-      h = (h ^ (unsigned char)*s) * 1099511628211ull;
-    ino = (h | (1ull << 62)) & ~(1ull << 63);
-  }
-  free(path);
-  st.st_ino = ino;
-  size_t need = fuse_add_direntry(d->req, NULL, 0, name, NULL, 0);
-  if (d->len + need > d->cap) {
-    size_t cap = d->cap ? d->cap * 2 : 4096;
-    while (cap < d->len + need)
-      cap *= 2;
-    char *b = realloc(d->buf, cap);
-    if (!b) {
+  if (d->n == d->cap) {
+    size_t cap = d->cap ? d->cap * 2 : 32;
+    char **names = realloc(d->names, cap * sizeof(*names));
+    if (names)
+      d->names = names;
+    mode_t *modes = realloc(d->modes, cap * sizeof(*modes));
+    if (modes)
+      d->modes = modes;
+    if (!names || !modes) {
       d->err = ENOMEM;
       return;
     }
-    d->buf = b;
     d->cap = cap;
   }
-  fuse_add_direntry(d->req, d->buf + d->len, need, name, &st, (off_t)(d->len + need));
-  d->len += need;
+  d->names[d->n] = strdup(name);
+  if (!d->names[d->n]) {
+    d->err = ENOMEM;
+    return;
+  }
+  d->modes[d->n++] = mode;
+}
+
+/* Packs the collected names into a dirent buffer (g.lock not held). */
+static int dir_pack(struct dirfill *d, char **out, size_t *out_len) {
+  size_t len = 0, cap = 0;
+  char *buf = NULL;
+  for (size_t i = 0; i < d->n; i++) {
+    struct stat st = {.st_mode = d->modes[i]};
+    char *path = join(d->dir, d->names[i]);
+    if (!path)
+      break;
+    fuse_ino_t ino = cfs_inode_known(path);
+    if (!ino) { /* a stable number for a name the kernel has not looked up */
+      uint64_t h = 1469598103934665603ull;
+      for (const char *s = path; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ull;
+      ino = (h | (1ull << 62)) & ~(1ull << 63);
+    }
+    free(path);
+    st.st_ino = ino;
+    size_t need = fuse_add_direntry(d->req, NULL, 0, d->names[i], NULL, 0);
+    if (len + need > cap) {
+      size_t ncap = cap ? cap * 2 : 4096;
+      while (ncap < len + need)
+        ncap *= 2;
+      char *b = realloc(buf, ncap);
+      if (!b) {
+        free(buf);
+        return -ENOMEM;
+      }
+      buf = b;
+      cap = ncap;
+    }
+    fuse_add_direntry(d->req, buf + len, need, d->names[i], &st, (off_t)(len + need));
+    len += need;
+  }
+  *out = buf;
+  *out_len = len;
+  return 0;
+}
+
+static void dir_free(struct dirfill *d) {
+  for (size_t i = 0; i < d->n; i++)
+    free(d->names[i]);
+  free(d->names);
+  free(d->modes);
 }
 
 static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
@@ -991,17 +1031,22 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
   }
   if (!rc && d.err)
     rc = -d.err;
+  char *buf = NULL;
+  size_t len = 0;
+  if (!rc)
+    rc = dir_pack(&d, &buf, &len);
+  dir_free(&d);
   struct cfs_file *f = rc ? NULL : cfs_file_new(FK_DIR, path);
   if (!rc && !f)
     rc = -ENOMEM;
   free(path);
   if (rc) {
-    free(d.buf);
+    free(buf);
     fuse_reply_err(req, -rc);
     return;
   }
-  f->dirbuf = d.buf;
-  f->dirlen = d.len;
+  f->dirbuf = buf;
+  f->dirlen = len;
   fi->fh = (uintptr_t)f;
   if (fuse_reply_open(req, fi) == -ENOENT)
     cfs_file_free(f);
