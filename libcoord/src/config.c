@@ -24,8 +24,15 @@
  * and the range "app/" at one revision; watch_prefix watches the etcd prefix
  * "/config/app" and its decoder drops keys that are not on the path boundary.
  *
- * Ownership: values handed in are borrowed; values handed out (json_t from
- * get/list/decode, bytes from encode) belong to the caller.
+ * Watches start at the store revision read before they are created, so
+ * that every change made after coord_config_watch* returns is seen.
+ *
+ * Ownership and threads: values handed in are borrowed; values handed out
+ * (json_t from get/list/decode, bytes from encode) belong to the caller.
+ * The one piece of state is per thread: the values coord_config_unpack
+ * keeps alive for the pointers it handed out (see unpack_keep).  Every
+ * function may be called from any thread, but none from the event thread
+ * (they block on etcd).
  */
 #include "internal.h"
 
@@ -137,6 +144,7 @@ int coord_config_get(coord_t *c, const char *key, json_t **out) {
     *out = NULL;
   if (c == NULL || out == NULL)
     return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  assert(!coord__on_event_thread(c)); /* blocks on etcd */
   int rc = check_key(fn, "key", key);
   if (rc < 0)
     return rc;
@@ -165,6 +173,7 @@ int coord_config_set(coord_t *c, const char *key, const json_t *value) {
   static const char fn[] = "coord_config_set";
   if (c == NULL || value == NULL)
     return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  assert(!coord__on_event_thread(c)); /* blocks on etcd */
   int rc = check_key(fn, "key", key);
   if (rc < 0)
     return rc;
@@ -188,6 +197,7 @@ int coord_config_delete(coord_t *c, const char *key) {
   static const char fn[] = "coord_config_delete";
   if (c == NULL)
     return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  assert(!coord__on_event_thread(c)); /* blocks on etcd */
   int rc = check_key(fn, "key", key);
   if (rc < 0)
     return rc;
@@ -303,6 +313,7 @@ int coord_config_list(coord_t *c, const char *prefix, json_t **out) {
     *out = NULL;
   if (c == NULL || out == NULL)
     return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  assert(!coord__on_event_thread(c)); /* blocks on etcd */
   int all = prefix == NULL || prefix[0] == '\0';
   int rc = all ? 0 : check_key(fn, "prefix", prefix);
   if (rc < 0)
@@ -409,6 +420,7 @@ int coord_config_watch(coord_t *c, const char *key, int with_current, coord_watc
     *out = NULL;
   if (c == NULL || out == NULL)
     return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  assert(!coord__on_event_thread(c)); /* blocks on etcd */
   int rc = check_key(fn, "key", key);
   if (rc < 0)
     return rc;
@@ -430,6 +442,7 @@ int coord_config_watch_prefix(coord_t *c, const char *prefix, int with_current, 
     *out = NULL;
   if (c == NULL || out == NULL)
     return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  assert(!coord__on_event_thread(c)); /* blocks on etcd */
   int all = prefix == NULL || prefix[0] == '\0';
   int rc = all ? 0 : check_key(fn, "prefix", prefix);
   if (rc < 0)

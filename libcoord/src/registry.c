@@ -840,6 +840,7 @@ int coord_registry_discover(coord_t *c, const char *name, coord_service_t **out,
     *n = 0;
   if (c == NULL || out == NULL || n == NULL)
     return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  assert(!coord__on_event_thread(c)); /* blocks on etcd */
   int rc = check_part(fn, "name", name);
   if (rc < 0)
     return rc;
@@ -920,6 +921,7 @@ int coord_registry_watch(coord_t *c, const char *name, int with_current, coord_w
     *out = NULL;
   if (c == NULL || out == NULL)
     return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  assert(!coord__on_event_thread(c)); /* blocks on etcd */
   int rc;
   if (name != NULL && (rc = check_part(fn, "name", name)) < 0)
     return rc;
