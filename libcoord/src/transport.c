@@ -526,6 +526,8 @@ struct unary {
   grpc_slice details;
   coord__unary_cb cb;
   void *arg;
+  int fail; /* see unary_fail */
+  char fail_detail[256];
   unary_t *next, *prev;
 };
 
@@ -652,6 +654,24 @@ static gpr_timespec abs_deadline(int64_t deadline_ms) {
   return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(rem, GPR_TIMESPAN));
 }
 
+/* A failure found while starting an attempt is delivered from the event
+ * thread, never from inside coord__unary_async: its caller may hold a lock
+ * that the callback takes. */
+static void unary_fail_now(coord_t *c, void *arg) {
+  unary_t *u = arg;
+  COORD_UNUSED(c);
+  unary_finish(u, coord__err(u->fail, "%s", u->fail_detail), NULL);
+}
+
+static void unary_fail(unary_t *u, int code) {
+  u->fail = code;
+  snprintf(u->fail_detail, sizeof u->fail_detail, "%s", coord_last_error());
+  if (coord__on_event_thread(u->c))
+    unary_fail_now(u->c, u);
+  else
+    coord__after(u->c, 0, unary_fail_now, u);
+}
+
 static void unary_attempt(coord_t *c, void *arg) {
   unary_t *u = arg;
   pthread_mutex_lock(&c->mu);
@@ -659,7 +679,7 @@ static void unary_attempt(coord_t *c, void *arg) {
   u->ep = c->cur;
   pthread_mutex_unlock(&c->mu);
   if (stopping) {
-    unary_finish(u, coord__err(COORD_ECLOSED, "client closed"), NULL);
+    unary_fail(u, coord__err(COORD_ECLOSED, "client closed"));
     return;
   }
   u->attempt++;
@@ -701,7 +721,7 @@ static void unary_attempt(coord_t *c, void *arg) {
   grpc_call_error e = grpc_call_start_batch(u->call, ops, 6, &u->tag, NULL);
   if (e != GRPC_CALL_OK) {
     attempt_reset(u);
-    unary_finish(u, coord__err(COORD_EIO, "%s: grpc_call_start_batch failed (%d)", u->m->path, (int)e), NULL);
+    unary_fail(u, coord__err(COORD_EIO, "%s: grpc_call_start_batch failed (%d)", u->m->path, (int)e));
   }
 }
 
