@@ -395,9 +395,11 @@ def test_waiter_survives_member_failure(etcd_cluster):
     the waiter gets the lock."""
     c = etcd_cluster
     eps = c.all_endpoints  # both clients start on members[0]
-    holder = Tool(eps, "hold", "fo", 3000)
+    # default TTL (10 s): a lease whose renewal is not answered within its
+    # TTL counts as lost on the client side, and failover takes a few seconds
+    holder = Tool(eps, "hold", "fo")
     holder.expect("ACQUIRED", 20)
-    waiter = Tool(eps, "hold", "fo", 3000)
+    waiter = Tool(eps, "hold", "fo")
     wait_keys(c, "fo", 2)
     c.kill(c.members[0])
     c.leader(20)  # a leader among the two left
