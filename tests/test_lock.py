@@ -414,3 +414,27 @@ def test_waiter_survives_member_failure(etcd_cluster):
     holder.finish(60)
     waiter.finish(60)
     assert lock_keys(c, "fo") == {}
+
+
+def test_pooled_lease_revoked_behind_our_back(etcd):
+    """The pool's leases are revoked while idle (the client cannot know yet:
+    30 s TTL, renewed every 10 s): the next acquire's Txn fails on the dead
+    lease and is retried once with a fresh lease."""
+    t = Tool(etcd, "hold", "pl", 30000)
+    first = t.expect("ACQUIRED")[1]
+    t.send("release")
+    assert t.expect("RELEASED") == ["RELEASED", "0"]
+    time.sleep(0.3)  # the pool's refill grant has landed
+    out = etcd.etcdctl("lease", "list")
+    leases = [l.strip() for l in out.splitlines()[1:] if l.strip()]
+    assert lease_of(first) in leases
+    for lid in leases:
+        etcd.etcdctl("lease", "revoke", lid)
+    t.send("acquire")
+    words = t.expect("ACQUIRED", 15)
+    assert lease_of(words[1]) not in leases
+    assert list(lock_keys(etcd, "pl")) == [words[1]]
+    t.send("release")
+    assert t.expect("RELEASED") == ["RELEASED", "0"]
+    t.finish()
+    assert lock_keys(etcd, "pl") == {}

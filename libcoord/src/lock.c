@@ -42,7 +42,11 @@
  * was revoked) it is revoked instead.  The pool is refilled asynchronously
  * (POOL_SPARE free leases per TTL once a TTL has been used, at most POOL_MAX
  * kept), so an uncontended acquire + unlock costs exactly two writes: the
- * queueing Txn and the Delete.
+ * queueing Txn and the Delete.  A pooled lease can die unnoticed (revoked,
+ * or expired while the client was cut off); the queueing Txn then fails
+ * with "lease not found" (COORD_ENOTFOUND) having written nothing, and is
+ * retried once with a freshly granted lease after the class's other free
+ * leases are revoked.
  *
  * STATE MACHINE of a handle (h->state):
  *
@@ -739,7 +743,7 @@ static void grant_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg
 /* Under mu: get a lease (pool or grant), then the queueing Txn. */
 static void start_lease(coord_lock_t *h, post_t *p) {
   h->state = LK_LEASE;
-  int64_t id = pool_take(h->cls);
+  int64_t id = h->retried ? 0 : pool_take(h->cls); /* a retry always gets a fresh lease */
   if (id != 0) {
     h->lease = id;
     h->lease_owned = 1;
@@ -869,10 +873,6 @@ static void start_txn(coord_lock_t *h, post_t *p) {
   }
 }
 
-static int is_transient(int status) {
-  return status == COORD_ETIMEDOUT || status == COORD_EUNAVAILABLE || status == COORD_ECLOSED;
-}
-
 static void txn_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg) {
   coord_lock_t *h = arg;
   post_t p = {0};
@@ -885,11 +885,15 @@ static void txn_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg) 
   assert(h->state == LK_TXN);
   if (status < 0) {
     remember_detail(h);
-    if (!h->retried && !is_transient(status) && !h->cancel && !h->pool->closing && status != COORD_EACCES &&
-        status != COORD_EAUTH) {
-      /* Most likely the pooled lease expired unnoticed ("lease not found"):
-       * drop it and try once more with a fresh one. */
+    if (status == COORD_ENOTFOUND && !h->retried && !h->cancel && !h->pool->closing) {
+      /* "requested lease not found": a pooled lease died unnoticed (revoked,
+       * or expired while we were cut off).  Its siblings in the pool are
+       * suspect too: drop them all, and try once more with a fresh grant.
+       * Nothing was written (etcd rejected the whole Txn). */
       h->retried = 1;
+      lease_class_t *k = h->cls;
+      while (k->nfree > 0)
+        pool_revoke(h->pool, k->free_ids[--k->nfree]);
       lease_hand_back(h, 1);
       h->lease = 0;
       h->lease_dead = 0;

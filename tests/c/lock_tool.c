@@ -8,11 +8,12 @@
  *       for each critical section (value = the counter written).
  *   lock_tool hold NAME [TTL_MS]
  *       Acquires (waits for ever), prints "ACQUIRED <key> <token>", then
- *       obeys lines on stdin: "release" (prints "RELEASED <rc>" and exits),
+ *       obeys lines on stdin: "release" (prints "RELEASED <rc>"), "acquire"
+ *       (again, after a release: "ACQUIRED ..." or "ACQFAIL <rc> <detail>"),
  *       "state" ("STATE <n>"), "ttl" ("TTL <rc> <ms>"), "note TEXT"
  *       ("NOTE <rc>"), "guard KEY VALUE" (coord_config_set_guarded with the
  *       string VALUE: "GUARD <rc>").  Prints "LOST <state>" from the lost
- *       callback.  EOF on stdin releases too.
+ *       callback.  EOF on stdin releases (if held) and exits.
  *   lock_tool try NAME            "TRY <rc> [key token]" (releases if taken)
  *   lock_tool timeout NAME MS     "RESULT <rc> <elapsed ms>"
  *   lock_tool cancel NAME MS      async acquire, cancel after MS ms:
@@ -91,7 +92,21 @@ static int cmd_hold(coord_t *c, const char *name, long long ttl) {
   while (fgets(line, sizeof line, stdin)) {
     line[strcspn(line, "\n")] = '\0';
     if (strcmp(line, "release") == 0) {
-      break;
+      rc = l ? coord_lock_unlock(l) : COORD_EINVAL;
+      l = NULL;
+      printf("RELEASED %d\n", rc);
+    } else if (strcmp(line, "acquire") == 0) {
+      if (l == NULL) {
+        rc = coord_lock_acquire(c, name, ttl, -1, &l);
+        if (rc) {
+          printf("ACQFAIL %d %s\n", rc, coord_last_error());
+        } else {
+          coord_lock_on_lost(l, on_lost, NULL);
+          printf("ACQUIRED %s %lld\n", coord_lock_key(l), (long long)coord_lock_token(l));
+        }
+      }
+    } else if (l == NULL) {
+      printf("NOTHELD %s\n", line);
     } else if (strcmp(line, "state") == 0) {
       printf("STATE %d\n", coord_lock_state(l));
     } else if (strcmp(line, "ttl") == 0) {
@@ -118,9 +133,11 @@ static int cmd_hold(coord_t *c, const char *name, long long ttl) {
     }
     fflush(stdout);
   }
-  rc = coord_lock_unlock(l);
-  printf("RELEASED %d\n", rc);
-  fflush(stdout);
+  if (l) {
+    rc = coord_lock_unlock(l);
+    printf("RELEASED %d\n", rc);
+    fflush(stdout);
+  }
   return 0;
 }
 
