@@ -507,7 +507,7 @@ void locks_shutdown(void) {
     if (hs[j])
       end_handle(l, hs[j]); /* waits: a pending acquire is cancelled */
     if (reqs[j])
-      fuse_reply_err(reqs[j], EINTR); /* frees the request */
+      fuse_reply_none(reqs[j]); /* unmounted: nobody to answer; frees it */
     pthread_mutex_lock(&L.mu);
     struct cfs_file *f = l->f;
     l->f = NULL;
