@@ -713,8 +713,12 @@ static void stream_on_request(xds_stream_t *s, const Envoy__Service__Discovery__
     return;
   }
   xds_sub_t *sub = &s->sub[t];
-  if (rq->response_nonce && rq->response_nonce[0] && strcmp(rq->response_nonce, sub->nonce) != 0)
-    return; /* stale: the client has not seen our latest response yet */
+  /* Stale: the client has not seen our latest response of this type yet
+   * (a nonce before this stream's first request of the type is from an
+   * earlier stream: the request is a fresh one). */
+  if (sub->requested && rq->response_nonce && rq->response_nonce[0] &&
+      strcmp(rq->response_nonce, sub->nonce) != 0)
+    return;
   if (rq->error_detail)
     xlog(srv, "client %s NACKed %s version %s (keeping last good): %d %s", s->node ? s->node : "?",
          type_short[t], rq->version_info ? rq->version_info : "", rq->error_detail->code,
