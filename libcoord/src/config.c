@@ -24,8 +24,9 @@
  * and the range "app/" at one revision; watch_prefix watches the etcd prefix
  * "/config/app" and its decoder drops keys that are not on the path boundary.
  *
- * Watches start at the store revision read before they are created, so
- * that every change made after coord_config_watch* returns is seen.
+ * Watches (coord__watch_public) start at the store revision current when
+ * they are created, so every change made after coord_config_watch* returns
+ * is seen.
  *
  * Ownership and threads: values handed in are borrowed; values handed out
  * (json_t from get/list/decode, bytes from encode) belong to the caller.
@@ -397,23 +398,6 @@ static int config_decode_event(coord_t *c, coord_event_t *ev, void *arg) {
   return 0;
 }
 
-/* The revision to start a watch of key from so that it sees every change
- * committed after this call returns: the store's revision now + 1.  (A
- * watch asked to start "from now" fixes its revision asynchronously, after
- * coord__watch_public has returned, and would miss changes made in that
- * window.) */
-static int watch_start_now(coord_t *c, const char *key, coord_watch_opts_t *o) {
-  coord_range_opts_t ro = {0};
-  ro.count_only = 1;
-  coord_kv_result_t *r = NULL;
-  int rc = coord_kv_get(c, key, &ro, &r);
-  if (rc < 0)
-    return rc;
-  o->start_revision = r->revision + 1;
-  coord_kv_result_free(r);
-  return 0;
-}
-
 int coord_config_watch(coord_t *c, const char *key, int with_current, coord_watch_t **out) {
   static const char fn[] = "coord_config_watch";
   if (out != NULL)
@@ -429,9 +413,7 @@ int coord_config_watch(coord_t *c, const char *key, int with_current, coord_watc
     return coord__err(COORD_ENOMEM, "%s: out of memory", fn);
   coord_watch_opts_t o = {0};
   o.with_current = with_current;
-  rc = watch_start_now(c, k, &o);
-  if (rc == 0)
-    rc = coord__watch_public(c, k, &o, config_decode_event, NULL, out);
+  rc = coord__watch_public(c, k, &o, config_decode_event, NULL, out);
   free(k);
   return rc;
 }
@@ -455,9 +437,7 @@ int coord_config_watch_prefix(coord_t *c, const char *prefix, int with_current, 
   coord_watch_opts_t o = {0};
   o.prefix = 1;
   o.with_current = with_current;
-  rc = watch_start_now(c, k, &o);
-  if (rc == 0)
-    rc = coord__watch_public(c, k, &o, config_decode_event, (void *)(uintptr_t)boundary, out);
+  rc = coord__watch_public(c, k, &o, config_decode_event, (void *)(uintptr_t)boundary, out);
   free(k);
   return rc;
 }

@@ -50,9 +50,9 @@
  * and no chain (refs == 1); a RENEWING reg has lease 0 and exactly one chain
  * in flight (refs == 2); a REMOVED reg is off the list.
  *
- * Watches (coord_registry_watch) start at the store revision read before
- * they are created, so that every change made after the call returns is
- * seen.
+ * Watches (coord_registry_watch, via coord__watch_public) start at the
+ * store revision current when they are created, so every change made after
+ * the call returns is seen.
  */
 #include "internal.h"
 
@@ -898,23 +898,6 @@ static int registry_decode_event(coord_t *c, coord_event_t *ev, void *arg) {
   return 0;
 }
 
-/* The revision to start a watch of key from so that it sees every change
- * committed after this call returns: the store's revision now + 1.  (A
- * watch asked to start "from now" fixes its revision asynchronously, after
- * coord__watch_public has returned, and would miss changes made in that
- * window.) */
-static int watch_start_now(coord_t *c, const char *key, coord_watch_opts_t *o) {
-  coord_range_opts_t ro = {0};
-  ro.count_only = 1;
-  coord_kv_result_t *r = NULL;
-  int rc = coord_kv_get(c, key, &ro, &r);
-  if (rc < 0)
-    return rc;
-  o->start_revision = r->revision + 1;
-  coord_kv_result_free(r);
-  return 0;
-}
-
 int coord_registry_watch(coord_t *c, const char *name, int with_current, coord_watch_t **out) {
   static const char fn[] = "coord_registry_watch";
   if (out != NULL)
@@ -931,9 +914,7 @@ int coord_registry_watch(coord_t *c, const char *name, int with_current, coord_w
   coord_watch_opts_t o = {0};
   o.prefix = 1;
   o.with_current = with_current;
-  rc = watch_start_now(c, prefix, &o);
-  if (rc == 0)
-    rc = coord__watch_public(c, prefix, &o, registry_decode_event, NULL, out);
+  rc = coord__watch_public(c, prefix, &o, registry_decode_event, NULL, out);
   free(prefix);
   return rc;
 }
