@@ -8,7 +8,7 @@
  * coord_strerror() names the code and coord_last_error() gives a
  * thread-local sentence saying what failed.  Every blocking call takes a
  * timeout in milliseconds: 0 means the client's configured default,
- * -1 means wait for ever.
+ * -1 means wait for ever (coord_watch_next alone reads 0 as "do not wait").
  *
  * Threads: a coord_t may be used from any number of threads at once.  Each
  * coord_t runs one internal event thread; callbacks documented as "called on
