@@ -125,13 +125,21 @@ int cache_apply(struct cfs_cache *c, const char *key, size_t key_len, int is_put
   if (rev < n->rev)
     return 0;
   if (rev == n->rev) {
-    /* our own write, seen again by the watch: only refresh the metadata */
+    /* the same change seen twice (the Put's answer and the watch event):
+     * keep what is known; the local answer passes -1 for unknown fields */
     if (is_put && n->present) {
-      n->create_rev = create_rev;
-      n->version = version;
-      n->lease = lease;
+      if (create_rev >= 0)
+        n->create_rev = create_rev;
+      if (version >= 0)
+        n->version = version;
+      if (lease >= 0)
+        n->lease = lease;
     }
     return 0;
+  }
+  if (is_put && version < 0) { /* this mount's own write: work out the rest */
+    version = n->present ? n->version + 1 : 1;
+    create_rev = n->present ? n->create_rev : rev;
   }
   int was = n->present && !n->bad;
   if (n->present && n->bad)
@@ -165,6 +173,12 @@ int cache_apply(struct cfs_cache *c, const char *key, size_t key_len, int is_put
   if (now != was)
     add_ancestors(c, n->path, now ? 1 : -1);
   return 1;
+}
+
+void cache_pending(struct cfs_cache *c, const char *key, int d) {
+  struct cfs_node *n = cache_node(c, key);
+  if (n)
+    n->pending += d;
 }
 
 int cache_is_dir(const struct cfs_node *n) {

@@ -7,7 +7,10 @@
  * Put's answer before the write is acknowledged.
  *
  * Writes are buffered in the open file and committed whole with one request
- * on flush, fsync or release:
+ * on flush, fsync or release (flush only commits after a write or ftruncate:
+ * the shell's `> file` opens, dup2()s and closes the first descriptor, and
+ * that close must not publish the empty truncated value; an open with
+ * O_TRUNC or O_CREAT and no write at all is committed by release):
  *   - opened with O_TRUNC, created, or truncated to 0 before any write: a
  *     plain Put (the new content does not depend on the old);
  *   - otherwise (append, overwrite in place): a Txn that puts only if the
@@ -38,6 +41,13 @@ static char *etcd_key(const char *key) {
     memcpy(k + sizeof(CONFIG_PREFIX) - 1, key, n + 1);
   }
   return k;
+}
+
+/* Marks this mount's write to key in flight (1) or done (-1). */
+static void pending(const char *key, int d) {
+  pthread_mutex_lock(&g.lock);
+  cache_pending(&g.config, key, d);
+  pthread_mutex_unlock(&g.lock);
 }
 
 static int is_value_path(const char *rel) {
@@ -241,16 +251,14 @@ int config_write(struct cfs_file *f, const char *buf, size_t size, off_t off) {
   if (end > f->len)
     f->len = end;
   f->dirty = 1;
+  f->wrote = 1;
   return (int)size;
 }
 
 /* Records this mount's own acknowledged write in the cache. */
 static void apply_put(const char *key, const void *val, size_t len, int64_t rev) {
   pthread_mutex_lock(&g.lock);
-  struct cfs_node *n = cache_find(&g.config, key);
-  int64_t create = n && n->present ? n->create_rev : rev;
-  int64_t version = n && n->present ? n->version + 1 : 1;
-  cache_apply(&g.config, key, strlen(key), 1, val, len, rev, create, version, 0);
+  cache_apply(&g.config, key, strlen(key), 1, val, len, rev, -1, -1, 0);
   pthread_mutex_unlock(&g.lock);
 }
 
@@ -267,8 +275,11 @@ static void drop_creating(struct cfs_file *f) {
   struct cfs_node *n = cache_find(&g.config, f->key);
   if (n && n->creating > 0)
     n->creating--;
+  int gone = n && !cache_is_file(n) && !cache_is_dir(n);
   pthread_mutex_unlock(&g.lock);
   f->creating = 0;
+  if (gone) /* never committed: the kernel must forget the name it created */
+    notifier_queue(J_FORGET, f->path, 0);
 }
 
 /* Puts value at key, with a compare on the mod revision unless plain. */
@@ -298,6 +309,9 @@ static int put_value(const char *key, const char *val, size_t len, int plain, in
     coord_txn_result_free(r);
   }
   free(k);
+  if (!rc)
+    apply_put(key, val, len, *rev);
+  pending(key, -1);
   if (rc) {
     CFS_COUNT(errors);
     if (rc == COORD_ECONFLICT)
@@ -305,7 +319,6 @@ static int put_value(const char *key, const char *val, size_t len, int plain, in
     return -cfs_errno(rc);
   }
   CFS_COUNT(commits);
-  apply_put(key, val, len, *rev);
   return 0;
 }
 
@@ -315,6 +328,9 @@ int config_commit(struct cfs_file *f) {
   if (!f->dirty)
     return 0;
   int64_t rev = 0;
+  if (g.o.debug)
+    fprintf(stderr, "coordfs: commit %s len=%zu plain=%d base=%lld\n", f->key, f->len, f->truncating,
+            (long long)f->base_rev);
   int rc = put_value(f->key, f->buf ? f->buf : "", f->len, f->truncating, f->base_rev, &rev);
   if (rc) {
     f->failed = 1;
@@ -325,6 +341,7 @@ int config_commit(struct cfs_file *f) {
   f->base_rev = rev;
   f->truncating = 0;
   f->dirty = 0;
+  f->wrote = 0;
   drop_creating(f);
   return 0;
 }
@@ -350,6 +367,7 @@ int config_truncate(struct cfs_file *f, const char *rel, off_t size) {
     if (size == 0)
       f->truncating = 1;
     f->dirty = 1;
+    f->wrote = 1;
     return 0;
   }
   /* truncate(2) on a path: read, resize, commit at once with a compare */
@@ -377,6 +395,8 @@ int config_truncate(struct cfs_file *f, const char *rel, off_t size) {
   }
   pthread_mutex_unlock(&g.lock);
   int64_t rev;
+  if (g.o.debug)
+    fprintf(stderr, "coordfs: truncate %s to %lld\n", key, (long long)size);
   if (!rc)
     rc = put_value(key, val, (size_t)size, size == 0, base, &rev);
   free(val);
@@ -400,6 +420,7 @@ int config_unlink(const char *rel) {
     char *k = etcd_key(key);
     coord_range_opts_t ro = {.timeout_ms = g.o.timeout_ms};
     coord_kv_result_t *r = NULL;
+    pending(key, 1);
     int e = k ? coord_kv_delete(g.c, k, &ro, &r) : COORD_ENOMEM;
     if (e) {
       CFS_COUNT(errors);
@@ -408,6 +429,7 @@ int config_unlink(const char *rel) {
       CFS_COUNT(commits);
       apply_delete(key, r->revision);
     }
+    pending(key, -1);
     coord_kv_result_free(r);
     free(k);
   }
@@ -592,6 +614,8 @@ int config_rename(const char *from, const char *to, unsigned flags) {
       coord_txn_t txn = {
           .cmp = cmp, .ncmp = cl.n, .success = ops, .nsuccess = cl.n * 2, .timeout_ms = g.o.timeout_ms};
       coord_txn_result_t *r = NULL;
+      for (size_t i = 0; i < cl.n; i++)
+        pending(cl.m[i].from, 1), pending(cl.m[i].to, 1);
       int e = coord_kv_txn(g.c, &txn, &r);
       if (!e && !r->succeeded)
         e = COORD_ECONFLICT;
@@ -605,6 +629,8 @@ int config_rename(const char *from, const char *to, unsigned flags) {
           apply_put(cl.m[i].to, cl.m[i].val, cl.m[i].len, r->revision);
         }
       }
+      for (size_t i = 0; i < cl.n; i++)
+        pending(cl.m[i].from, -1), pending(cl.m[i].to, -1);
       coord_txn_result_free(r);
     }
     free(cmp);

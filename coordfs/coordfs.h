@@ -99,6 +99,7 @@ struct cfs_node {
   int ndesc;             /* present good keys strictly below path/ */
   int localdir;          /* made by mkdir on this mount, still empty */
   int creating;          /* open handles that created it and have not committed */
+  int pending;           /* writes of this mount to the key in flight (events.c) */
   struct cfs_node *next;
 };
 
@@ -114,9 +115,14 @@ struct cfs_node *cache_find(struct cfs_cache *c, const char *path);
 struct cfs_node *cache_node(struct cfs_cache *c, const char *path); /* find or add */
 /* Applies a change at revision rev if it is newer than what the node holds.
  * Returns 1 if the node changed, 0 if not (an older or same revision: the
- * echo of this mount's own write). */
+ * echo of this mount's own write).  version -1 (this mount's own write):
+ * version and create_rev are worked out from the node, or left to the
+ * watch event if it came first. */
 int cache_apply(struct cfs_cache *c, const char *key, size_t key_len, int is_put, const void *val, size_t len,
                 int64_t rev, int64_t create_rev, int64_t version, int64_t lease);
+/* Marks a write of this mount to key as in flight (d = 1) or done (-1).
+ * g.lock held. */
+void cache_pending(struct cfs_cache *c, const char *key, int d);
 int cache_is_dir(const struct cfs_node *n);
 int cache_is_file(const struct cfs_node *n);
 /* Calls fn for each visible child of dir (""=root of the tree). */
@@ -156,6 +162,7 @@ struct cfs_file {
   int truncating; /* started by truncating: commit without a compare */
   int failed;     /* a write or commit failed: never commit */
   int creating;   /* holds a cfs_node.creating reference (config) */
+  int wrote;      /* write() or ftruncate() since the last commit */
   int64_t base_rev;
   /* snapshot for reads (status, directory listings) */
   char *snap;
@@ -248,7 +255,7 @@ int status_snapshot(char **out, size_t *len);
 
 /* ---------------------------------------------------------------- notifier.c */
 
-enum cfs_job_op { J_MODIFY, J_CREATE, J_MKDIR, J_UNLINK, J_RMDIR, J_INVAL };
+enum cfs_job_op { J_MODIFY, J_CREATE, J_MKDIR, J_UNLINK, J_RMDIR, J_INVAL, J_FORGET };
 void notifier_start(void);
 void notifier_stop(void);
 /* Queue a self-operation on the mount path (never blocks, no locks needed). */

@@ -392,6 +392,12 @@ static void apply_event(int which, const coord_event_t *ev, const char *rel, siz
   struct seen before, after;
   int ok = cfs_key_ok(rel, rel_len);
   pthread_mutex_lock(&g.lock);
+  char *key = strndup(rel, rel_len);
+  struct cfs_node *kn = key ? cache_find(c, key) : NULL;
+  free(key);
+  /* a write of this mount in flight: the event may be its echo, arriving
+   * before the Put's answer; the kernel already saw that operation */
+  int own = kn && kn->pending > 0;
   if (ok)
     look(c, rel, rel_len, &before);
   int changed = cache_apply(c, rel, rel_len, ev->type == COORD_EVENT_PUT, ev->kv.value, ev->kv.value_len,
@@ -399,7 +405,7 @@ static void apply_event(int which, const coord_event_t *ev, const char *rel, siz
   if (ok && changed)
     look(c, rel, rel_len, &after);
   pthread_mutex_unlock(&g.lock);
-  if (!ok || !changed || before.depth != after.depth)
+  if (!ok || !changed || own || before.depth != after.depth)
     return;
   int d = after.depth;
   if (after.file && before.file) {

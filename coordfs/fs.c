@@ -803,10 +803,11 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     fuse_reply_write(req, (size_t)rc);
 }
 
-static int commit(struct cfs_file *f) {
+/* flush: only after data was written; fsync: whatever is pending. */
+static int commit(struct cfs_file *f, int is_flush) {
   int rc = 0;
   pthread_mutex_lock(&f->lock);
-  if (f->kind == FK_CONFIG)
+  if (f->kind == FK_CONFIG && (!is_flush || f->wrote))
     rc = config_commit(f);
   else if (f->kind == FK_SERVICE)
     rc = services_flush(f);
@@ -822,7 +823,7 @@ static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) 
     locks_flush(req, f);
     return;
   }
-  fuse_reply_err(req, -commit(f));
+  fuse_reply_err(req, -commit(f, 1));
 }
 
 static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi) {
@@ -830,7 +831,7 @@ static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_f
   (void)datasync;
   CFS_COUNT(ops);
   struct cfs_file *f = FH(fi);
-  fuse_reply_err(req, f->kind == FK_LOCK ? 0 : -commit(f));
+  fuse_reply_err(req, f->kind == FK_LOCK ? 0 : -commit(f, 0));
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {

@@ -14,6 +14,8 @@
  *   J_UNLINK  unlink                        -> IN_DELETE
  *   J_RMDIR   rmdir                         -> IN_DELETE|IN_ISDIR
  *   J_INVAL   only drops the kernel's cached pages and attributes
+ *   J_FORGET  only drops the kernel's cached name (a created file that was
+ *             never committed, so that the name is looked up again)
  *
  * The daemon recognises these requests by thread id (cfs_is_self: the
  * request's pid is this thread's tid) and answers them from the local view:
@@ -111,7 +113,18 @@ static void perform(struct job *j) {
       (void)rmdir(full);
       break;
     case J_INVAL:
+    case J_FORGET:
       break;
+    }
+  }
+  if (j->op == J_FORGET) {
+    char *slash = strrchr(j->path, '/');
+    if (slash) {
+      *slash = 0;
+      fuse_ino_t parent = cfs_inode_known(j->path);
+      *slash = '/';
+      if (parent)
+        fuse_lowlevel_notify_inval_entry(g.se, parent, slash + 1, strlen(slash + 1));
     }
   }
   /* whatever pages the operation left are dropped: the next read asks */

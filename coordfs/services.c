@@ -193,17 +193,20 @@ static int do_register(struct cfs_file *f, const char *value, size_t len) {
     sprintf(k, SERVICES_PREFIX "%s", f->key);
     coord_put_opts_t po = {.lease = f->lease, .timeout_ms = g.o.timeout_ms};
     coord_kv_result_t *r = NULL;
+    pthread_mutex_lock(&g.lock);
+    cache_pending(&g.services, f->key, 1);
+    pthread_mutex_unlock(&g.lock);
     rc = coord_kv_put(g.c, k, value, len, &po, &r);
     if (!rc) {
       pthread_mutex_lock(&g.lock);
-      struct cfs_node *n = cache_find(&g.services, f->key);
-      int64_t create = n && n->present ? n->create_rev : r->revision;
-      int64_t version = n && n->present ? n->version + 1 : 1;
-      cache_apply(&g.services, f->key, strlen(f->key), 1, value, len, r->revision, create, version, f->lease);
+      cache_apply(&g.services, f->key, strlen(f->key), 1, value, len, r->revision, -1, -1, f->lease);
       pthread_mutex_unlock(&g.lock);
       f->registered = 1;
       CFS_COUNT(commits);
     }
+    pthread_mutex_lock(&g.lock);
+    cache_pending(&g.services, f->key, -1);
+    pthread_mutex_unlock(&g.lock);
     coord_kv_result_free(r);
   }
   free(k);

@@ -1,0 +1,288 @@
+"""test_coordfs_config.py — /config on a real coordfs mount over a real etcd.
+
+Shell tools (echo, cat, cp, mv, rm, mkdir, ls -R, >>, truncate, getfattr)
+behave as on a local file system, and etcd (read with etcdctl) holds exactly
+what was written.  Also: reads see etcdctl's changes at once, concurrent
+writers never mix, a conflicting append fails its close (EBUSY), EFBIG for
+over-large values, odd names, keys that cannot be file names.
+"""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from harness import wait_for
+
+
+def sh(cmd, check=True):
+    r = subprocess.run(["bash", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       timeout=60, stdin=subprocess.DEVNULL)
+    if check and r.returncode != 0:
+        raise AssertionError("%s: exit %d\n%s%s" % (cmd, r.returncode, r.stdout, r.stderr))
+    return r
+
+
+def q(p):
+    return "'" + p.replace("'", "'\\''") + "'"
+
+
+@pytest.fixture
+def fs(etcd, coordfs_mount):
+    return coordfs_mount(etcd)
+
+
+def C(m, *parts):
+    return os.path.join(m.path, "config", *parts)
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read().decode()
+
+
+def test_echo_cat_and_etcd_holds_exactly_it(etcd, fs):
+    sh("echo hello > %s" % q(C(fs, "app")))
+    assert etcd.get("/config/app") == "hello\n"
+    assert read(C(fs, "app")) == "hello\n"
+    sh("printf 'no newline' > %s" % q(C(fs, "app")))
+    assert etcd.get("/config/app") == "no newline"
+    assert sh("cat %s" % q(C(fs, "app"))).stdout == "no newline"
+    assert os.stat(C(fs, "app")).st_size == len("no newline")
+
+
+def test_append_and_truncate(etcd, fs):
+    p = C(fs, "log")
+    sh("echo one > %s && echo two >> %s && echo three >> %s" % (q(p), q(p), q(p)))
+    assert etcd.get("/config/log") == "one\ntwo\nthree\n"
+    sh("truncate -s 3 %s" % q(p))
+    assert etcd.get("/config/log") == "one"
+    assert read(p) == "one"
+    sh("truncate -s 5 %s" % q(p))
+    assert etcd.get("/config/log", raw=True) == b"one\0\0"
+    sh(": > %s" % q(p))
+    wait_for(lambda: etcd.get("/config/log") == "", 5, what="empty value")
+    assert read(p) == ""
+
+
+def test_cp_mv_rm(etcd, fs, tmp_path):
+    local = tmp_path / "src.json"
+    local.write_text('{"a": 1}\n')
+    sh("cp %s %s" % (q(str(local)), q(C(fs, "copied"))))
+    assert etcd.get("/config/copied") == '{"a": 1}\n'
+    sh("cp %s %s" % (q(C(fs, "copied")), q(C(fs, "copy2"))))
+    assert etcd.get("/config/copy2") == '{"a": 1}\n'
+    rev_before = int(etcd.etcdctl_json("get", "/config/copy2")["header"]["revision"])
+    sh("mv %s %s" % (q(C(fs, "copy2")), q(C(fs, "moved"))))
+    # one Txn: one new revision for the put and the delete together
+    r = etcd.etcdctl_json("get", "/config/moved")
+    assert int(r["header"]["revision"]) == rev_before + 1
+    assert etcd.get("/config/copy2") is None
+    assert etcd.get("/config/moved") == '{"a": 1}\n'
+    assert not os.path.exists(C(fs, "copy2"))
+    assert read(C(fs, "moved")) == '{"a": 1}\n'
+    sh("rm %s" % q(C(fs, "moved")))
+    assert etcd.get("/config/moved") is None
+    assert not os.path.exists(C(fs, "moved"))
+    sh("cp %s %s" % (q(C(fs, "copied")), q(str(tmp_path / "back"))))
+    assert (tmp_path / "back").read_text() == '{"a": 1}\n'
+
+
+def test_mkdir_ls_R_rmdir(etcd, fs):
+    sh("mkdir -p %s" % q(C(fs, "svc", "db")))
+    assert os.path.isdir(C(fs, "svc", "db"))
+    assert etcd.get_prefix("/config/") == {}  # directories are mount-local
+    sh("echo 5432 > %s" % q(C(fs, "svc", "db", "port")))
+    sh("echo x > %s" % q(C(fs, "svc", "name")))
+    out = sh("cd %s && ls -R" % q(C(fs))).stdout
+    assert out.split("\n\n") == [".:\nsvc", "./svc:\ndb\nname", "./svc/db:\nport\n"]
+    assert etcd.get_prefix("/config/") == {"/config/svc/db/port": "5432\n", "/config/svc/name": "x\n"}
+    r = sh("rmdir %s" % q(C(fs, "svc")), check=False)
+    assert r.returncode != 0 and "not empty" in r.stderr
+    sh("mkdir %s && rmdir %s" % (q(C(fs, "empty")), q(C(fs, "empty"))))
+    assert not os.path.exists(C(fs, "empty"))
+    sh("rm %s && rm %s" % (q(C(fs, "svc", "db", "port")), q(C(fs, "svc", "name"))))
+    assert etcd.get_prefix("/config/") == {}
+    assert os.listdir(C(fs)) == []
+
+
+def test_key_that_is_also_a_prefix_has_dot_value(etcd, fs):
+    etcd.put("/config/app", "top")
+    etcd.put("/config/app/db", "child")
+    wait_for(lambda: os.path.isdir(C(fs, "app")), 5, what="app is a directory")
+    assert sorted(os.listdir(C(fs, "app"))) == [".value", "db"]
+    assert read(C(fs, "app", ".value")) == "top"
+    assert read(C(fs, "app", "db")) == "child"
+    sh("printf new > %s" % q(C(fs, "app", ".value")))
+    assert etcd.get("/config/app") == "new"
+    sh("rm %s" % q(C(fs, "app", ".value")))
+    assert etcd.get("/config/app") is None
+    assert etcd.get("/config/app/db") == "child"
+    assert os.listdir(C(fs, "app")) == ["db"]
+
+
+def test_getfattr_shows_etcd_metadata(etcd, fs):
+    sh("echo a > %s && echo b > %s" % (q(C(fs, "k")), q(C(fs, "k"))))
+    kv = etcd.etcdctl_json("get", "/config/k")["kvs"][0]
+    out = sh("getfattr -d %s" % q(C(fs, "k"))).stdout
+    attrs = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("user."))
+    assert attrs["user.coord.create_revision"] == '"%d"' % kv["create_revision"]
+    assert attrs["user.coord.mod_revision"] == '"%d"' % kv["mod_revision"]
+    assert attrs["user.coord.version"] == '"2"'
+    assert attrs["user.coord.lease"] == '"0"'
+    lease = etcd.lease_grant(60)
+    etcd.put("/config/leased", "v", "--lease=%x" % lease)
+    wait_for(lambda: os.path.exists(C(fs, "leased")), 5, what="leased key")
+    v = os.getxattr(C(fs, "leased"), "user.coord.lease").decode()
+    assert int(v) == lease
+
+
+def test_etcdctl_change_is_read_at_once(etcd, fs):
+    p = C(fs, "x")
+    etcd.put("/config/x", "s")
+    wait_for(lambda: os.path.exists(p), 5, what="x")
+    assert read(p) == "s"  # now in the page cache
+    for i in range(20):
+        v = "v%d-" % i + "y" * (i * 7)  # always longer than before
+        etcd.put("/config/x", v)
+        assert read(p) == v
+        assert sh("cat %s" % q(p)).stdout == v
+    etcd.put("/config/x", "short")
+    assert read(p) == "short"
+
+
+def test_two_concurrent_writers_leave_one_whole_value(etcd, fs):
+    p = C(fs, "shared")
+    size = 200_000
+    prog = ("import os,sys\n"
+            "c=sys.argv[2].encode()\n"
+            "for r in range(5):\n"
+            "  fd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_TRUNC)\n"
+            "  for i in range(0, %d, 8192):\n"
+            "    os.write(fd, c*min(8192, %d-i))\n"
+            "  os.close(fd)\n" % (size, size))
+    procs = [subprocess.Popen([sys.executable, "-c", prog, p, ch]) for ch in "AB"]
+    for pr in procs:
+        assert pr.wait(60) == 0
+    v = etcd.get("/config/shared")
+    assert len(v) == size and v in ("A" * size, "B" * size)
+    assert read(p) == v
+
+
+def test_conflicting_append_fails_close(etcd, fs):
+    p = C(fs, "conf")
+    sh("echo base > %s" % q(p))
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"mine\n")
+    etcd.put("/config/conf", "theirs")
+    with pytest.raises(OSError) as e:
+        os.close(fd)
+    assert e.value.errno == errno.EBUSY
+    assert etcd.get("/config/conf") == "theirs"
+    wait_for(lambda: read(p) == "theirs", 5, what="their value read back")
+    # without a conflict the append commits with the compare
+    sh("echo more >> %s" % q(p))
+    assert etcd.get("/config/conf") == "theirsmore\n"
+
+
+def test_overlarge_value_efbig_and_nothing_stored(etcd, fs):
+    p = C(fs, "big")
+    with pytest.raises(OSError) as e:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            for _ in range(2 * 1024 // 64):
+                os.write(fd, b"z" * 65536)
+        finally:
+            os.close(fd)
+    assert e.value.errno == errno.EFBIG
+    assert etcd.get("/config/big") is None
+    sh("echo small > %s" % q(p))
+    r = sh("head -c 3000000 /dev/zero > %s" % q(p), check=False)
+    assert r.returncode != 0 and "too large" in r.stderr.lower()
+    assert etcd.get("/config/big") == "small\n"
+    # just under the limit is fine
+    ok = b"o" * (1024 * 1024)
+    with open(p, "wb") as f:
+        f.write(ok)
+    assert etcd.get("/config/big", raw=True) == ok
+
+
+def test_odd_names(etcd, fs):
+    names = ["with space", "ünïcödé-名前", "n" * 255, "dash-start", "quote'name"]
+    for n in names:
+        sh("printf %%s %s > %s" % (q(n[:10]), q(C(fs, n))))
+        assert etcd.get("/config/" + n) == n[:10], n
+        assert read(C(fs, n)) == n[:10]
+    assert sorted(os.listdir(C(fs))) == sorted(names)
+    r = sh("echo x > %s" % q(C(fs, "m" * 256)), check=False)
+    assert r.returncode != 0 and "too long" in r.stderr.lower()
+    etcd.put("/config/from etcd/ü", "v")
+    wait_for(lambda: os.path.exists(C(fs, "from etcd", "ü")), 5, what="utf-8 name from etcd")
+
+
+def test_dotdot_and_empty_parts_never_reach_etcd(etcd, fs):
+    sh("mkdir %s" % q(C(fs, "a")))
+    sh("echo v > %s" % q(C(fs, "a", "..", "b")))
+    sh("echo w > %s" % (q(C(fs, "a")) + "//c"))
+    assert etcd.get_prefix("/config/") == {"/config/b": "v\n", "/config/a/c": "w\n"}
+    # keys that cannot be file names are left out and counted in /status
+    for k in ["/config/x/../y", "/config/x//y", "/config/..", "/config/.", "/config/t/", "/config/z/.value"]:
+        etcd.put(k, "bad")
+    etcd.put("/config/good", "g")
+    wait_for(lambda: os.path.exists(C(fs, "good")), 5, what="good key")
+    assert sorted(os.listdir(C(fs))) == ["a", "b", "good"]
+    st = json.loads(read(os.path.join(fs.path, "status")))
+    assert st["skipped_keys"] == 6
+
+
+def test_read_only_mount(etcd, coordfs_mount):
+    etcd.put("/config/k", "v")
+    m = coordfs_mount(etcd, "-o", "ro")
+    assert read(C(m, "k")) == "v"
+    with pytest.raises(OSError) as e:
+        open(C(m, "k"), "w")
+    assert e.value.errno == errno.EROFS
+    assert etcd.get("/config/k") == "v"
+
+
+def test_uid_gid_options(etcd, coordfs_mount):
+    etcd.put("/config/k", "v")
+    m = coordfs_mount(etcd, "-o", "uid=1234,gid=4321")
+    st = os.stat(C(m, "k"))
+    assert (st.st_uid, st.st_gid) == (1234, 4321)
+
+
+def test_write_while_etcd_down_eio_nothing_stored(etcd, coordfs_mount):
+    m = coordfs_mount(etcd, "--timeout", "2s")
+    sh("echo before > %s" % q(C(m, "k")))
+    etcd.stop(0)
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as e:
+        with open(C(m, "k"), "w") as f:
+            f.write("during")
+    took = time.monotonic() - t0
+    assert e.value.errno == errno.EIO
+    assert took < 15, took
+    etcd.start_member(0)
+    assert etcd.get("/config/k") == "before\n"
+
+
+def test_two_mounts_see_each_others_writes(etcd, coordfs_mount):
+    a, b = coordfs_mount(etcd), coordfs_mount(etcd)
+    sh("echo 1 > %s" % q(C(a, "k")))
+    wait_for(lambda: os.path.exists(C(b, "k")) and read(C(b, "k")) == "1\n", 5, what="b sees a's write")
+    done = threading.Event()
+
+    def writer():
+        for i in range(20):
+            with open(C(a, "k"), "w") as f:
+                f.write("n%d" % i)
+        done.set()
+
+    writer()
+    wait_for(lambda: read(C(b, "k")) == "n19", 5, what="b sees the last write")
