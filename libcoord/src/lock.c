@@ -126,6 +126,9 @@
 /* How long coord__locks_close waits for calls in flight before giving up
  * (and leaking rather than freeing memory a late callback could touch). */
 #define CLOSE_WAIT_MS 30000
+/* Revokes are best effort (an unrevoked lease expires by its TTL): short
+ * deadline, so that close does not hang while etcd is unreachable. */
+#define REVOKE_TIMEOUT_MS 2000
 
 typedef enum {
   LK_LEASE, /* waiting for a lease grant */
@@ -404,7 +407,8 @@ static void pool_revoke(struct coord_lock_pool *pool, int64_t id) {
   Etcdserverpb__LeaseRevokeRequest req = ETCDSERVERPB__LEASE_REVOKE_REQUEST__INIT;
   req.id = id;
   pool->ops++;
-  if (coord__unary_async(pool->c, &coord__m_lease_revoke, &req.base, 0, pool_revoke_done, pool) < 0)
+  if (coord__unary_async(pool->c, &coord__m_lease_revoke, &req.base, REVOKE_TIMEOUT_MS, pool_revoke_done,
+                         pool) < 0)
     pool->ops--; /* it will expire by itself */
 }
 
@@ -463,17 +467,17 @@ static int64_t pool_take(lease_class_t *k) {
 }
 
 /* Under mu: the handle gives up its lease.  how: 0 back to the pool (no key
- * on it), 1 revoke, 2 forget (etcd already dropped it). */
+ * on it), 1 revoke, 2 dead (the keep-alive gave up on it: revoked by someone
+ * or expired as far as we know; still revoked, best effort, because after a
+ * local expiry etcd may still hold it, and our key with it). */
 static void lease_hand_back(coord_lock_t *h, int how) {
   if (!h->lease_owned)
     return;
   h->lease_owned = 0;
   if (how == 0)
     pool_put(h->cls, h->lease);
-  else if (how == 1)
-    pool_revoke(h->pool, h->lease);
   else
-    coord_lease_keepalive_stop(h->c, h->lease);
+    pool_revoke(h->pool, h->lease);
 }
 
 /* ---------------------------------------------------------------- delivery */
@@ -1577,22 +1581,12 @@ void coord__locks_close(coord_t *c) {
   deadline_after(&dl, CLOSE_WAIT_MS);
   pthread_mutex_lock(&pool->mu);
   int quiet = wait_until(pool, all_quiet, &dl);
-  /* 3. Revoke the pool's free leases. */
-  size_t nids = 0;
+  /* 3. Revoke the pool's free leases (in parallel, REVOKE_TIMEOUT_MS). */
   for (lease_class_t *k = pool->classes; k; k = k->next)
-    nids += (size_t)k->nfree;
-  int64_t *ids = nids ? malloc(nids * sizeof *ids) : NULL;
-  size_t j = 0;
-  for (lease_class_t *k = pool->classes; k; k = k->next) {
-    for (int i = 0; i < k->nfree; i++)
-      if (ids != NULL)
-        ids[j++] = k->free_ids[i];
-    k->nfree = 0;
-  }
+    while (k->nfree > 0)
+      pool_revoke(pool, k->free_ids[--k->nfree]);
+  quiet = wait_until(pool, all_quiet, &dl) && quiet;
   pthread_mutex_unlock(&pool->mu);
-  for (size_t i = 0; i < j; i++)
-    coord_lease_revoke(c, ids[i]);
-  free(ids);
 
   /* 4. Barrier: a lease-lost callback that was already running is over. */
   pthread_mutex_lock(&pool->mu);
