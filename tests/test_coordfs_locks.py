@@ -342,18 +342,24 @@ def test_sigkill_waiter_leaves_no_key(etcd, coordfs_mount):
     path = m.join("locks", "k")
     h = hold(path)
     expect_held(h)
-    w1 = hold(path)
+    w1 = popen(["flock", path, "true"])  # a pending flock(2)
     wait_keys(etcd, 2)
-    w2 = hold(path)
+    w2 = hold(path)  # a pending open
     wait_keys(etcd, 3)
-    w1_key = keys(etcd)[1]
+    w3 = hold(path)
+    wait_keys(etcd, 4)
+    w1_key, w2_key = keys(etcd)[1:3]
     os.kill(w1.pid, signal.SIGKILL)
     w1.wait(5 * SLOW)
-    wait_keys(etcd, 2, timeout=2)
+    wait_keys(etcd, 3, timeout=2)
     assert w1_key not in keys(etcd)
+    os.kill(w2.pid, signal.SIGKILL)
+    w2.wait(5 * SLOW)
+    wait_keys(etcd, 2, timeout=2)
+    assert w2_key not in keys(etcd)
     end_process(h, signal.SIGKILL)
-    expect_held(w2, 5)  # the queue moved on past the dead waiter
-    end_process(w2, signal.SIGKILL)
+    expect_held(w3, 5)  # the queue moved on past the dead waiters
+    end_process(w3, signal.SIGKILL)
     wait_keys(etcd, 0)
 
 
