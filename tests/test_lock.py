@@ -438,3 +438,30 @@ def test_pooled_lease_revoked_behind_our_back(etcd):
     assert t.expect("RELEASED") == ["RELEASED", "0"]
     t.finish()
     assert lock_keys(etcd, "pl") == {}
+
+
+def test_holder_cut_off_from_etcd_is_told(etcd):
+    """etcd frozen (SIGSTOP) past the holder's TTL: the holder learns it lost
+    the lock (its lease could not be renewed in time) without any answer
+    from etcd; after etcd comes back, guarded writes fail and it releases."""
+    t = Tool(etcd, "hold", "cut", 2000)
+    key = t.expect("ACQUIRED")[1]
+    ttl = granted_ttl(etcd, lease_of(key))
+    m = etcd.members[0]
+    t0 = time.monotonic()
+    m.pause()
+    try:
+        assert t.expect("LOST", ttl + 3) == ["LOST", "-11"]
+        took = time.monotonic() - t0
+    finally:
+        m.resume()
+    assert took <= ttl + 1.0, "told %.2fs after the cut (TTL %ds)" % (took, ttl)
+    t.send("state")
+    assert t.expect("STATE") == ["STATE", "-11"]
+    t.send("guard app/cut late")
+    assert t.expect("GUARD", 15) == ["GUARD", "-11"]
+    t.send("release")
+    assert t.expect("RELEASED", 15) == ["RELEASED", "-11"]
+    t.finish()
+    assert etcd.get("/config/app/cut") is None
+    wait_keys(etcd, "cut", 0, timeout=ttl + 5)
