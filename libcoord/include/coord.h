@@ -331,10 +331,18 @@ typedef struct coord_service {
 /* Register (or replace) an instance; kept alive, and registered again by
  * itself if its lease is ever lost.  ttl_ms 0: 10 s. */
 int coord_registry_register(coord_t *c, const coord_service_t *svc, int64_t ttl_ms);
+/* An instance this client registered: its lease is revoked (the key goes
+ * with it, unless another client has put it since).  Any other instance:
+ * its key is deleted.  COORD_ENOTFOUND if there was none. */
 int coord_registry_unregister(coord_t *c, const char *name, const char *id);
+/* Every instance of name with a valid document, sorted by id, name and id
+ * filled from the key (none: 0, *out NULL, *n 0).  Free with
+ * coord_service_list_free. */
 int coord_registry_discover(coord_t *c, const char *name, coord_service_t **out, size_t *n);
 void coord_service_list_free(coord_service_t *list, size_t n);
-/* Events carry name, id and json (the document). name NULL: every service. */
+/* Events carry name, id and json (the document, with id and name filled
+ * from the key). name NULL: every service.  A PUT whose document is invalid
+ * is reported as a DELETE of that instance. */
 int coord_registry_watch(coord_t *c, const char *name, int with_current, coord_watch_t **out);
 
 /* Parse / build the instance document.  Parse checks: object, "address" a
