@@ -85,6 +85,7 @@ int config_load(void) {
   }
   if (r->revision > g.config.rev)
     g.config.rev = r->revision;
+  g.config.notified = g.config.rev;
   pthread_mutex_unlock(&g.lock);
   coord_kv_result_free(r);
   return 0;
@@ -163,12 +164,51 @@ static int buf_reserve(struct cfs_file *f, size_t n) {
   return 0;
 }
 
+/* Makes the cache at least as new as etcd for key before an open: one
+ * keys-only Range (no value), then, if the cache is behind, a wait (at most
+ * FRESH_WAIT_MS) until the watch thread has handled the change, including
+ * the kernel invalidation.  So a value changed with etcdctl is read back at
+ * once, even if its event is still on the way.  If etcd cannot be asked,
+ * the cache is used as it is. */
+#define FRESH_CHECK_MS 500
+#define FRESH_WAIT_MS 1000
+static void freshen(const char *key) {
+  char *k = etcd_key(key);
+  if (!k)
+    return;
+  coord_range_opts_t ro = {.keys_only = 1, .timeout_ms = FRESH_CHECK_MS};
+  coord_kv_result_t *r = NULL;
+  int rc = coord_kv_get(g.c, k, &ro, &r);
+  free(k);
+  if (rc) {
+    coord_kv_result_free(r);
+    return;
+  }
+  int exists = r->n > 0;
+  int64_t want = exists ? r->kvs[0].mod_revision : 0;
+  coord_kv_result_free(r);
+  struct timespec until;
+  clock_gettime(CLOCK_MONOTONIC, &until);
+  until.tv_sec += FRESH_WAIT_MS / 1000;
+  pthread_mutex_lock(&g.lock);
+  for (;;) {
+    struct cfs_node *n = cache_find(&g.config, key);
+    if (exists ? (n && n->rev >= want && g.config.notified >= want) : (!n || !n->present))
+      break;
+    if (pthread_cond_timedwait(&g.cond, &g.lock, &until) == ETIMEDOUT)
+      break;
+  }
+  pthread_mutex_unlock(&g.lock);
+}
+
 int config_open(const char *rel, struct cfs_file *f, int flags, int create) {
   char *key = config_key_of(rel);
   if (!key || !*key) {
     free(key);
     return -EINVAL;
   }
+  if (!create && !(flags & O_TRUNC))
+    freshen(key);
   f->key = key;
   f->writable = (flags & O_ACCMODE) != O_RDONLY;
   pthread_mutex_lock(&g.lock);

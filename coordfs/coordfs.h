@@ -107,8 +107,10 @@ struct cfs_cache {
   const char *prefix; /* "/config/" */
   struct cfs_node **tab;
   size_t cap, n;
-  int nbad;    /* present keys that cannot be file names */
-  int64_t rev; /* highest revision applied */
+  int nbad;         /* present keys that cannot be file names */
+  int64_t rev;      /* highest revision applied */
+  int64_t notified; /* highest revision whose event the watch thread has fully
+                       handled (cache, kernel invalidation, notifier jobs) */
 };
 
 struct cfs_node *cache_find(struct cfs_cache *c, const char *path);
@@ -188,6 +190,7 @@ struct cfs {
   coord_t *c;
   struct fuse_session *se;
   pthread_mutex_t lock; /* g.lock, see above */
+  pthread_cond_t cond;  /* with g.lock: broadcast when a cache's notified grows */
   struct cfs_cache config, services;
   struct cfs_counters counters;
   pid_t notifier_tid;

@@ -462,8 +462,15 @@ static void handle(int k, coord_event_t *ev) {
   CFS_COUNT(events);
   if (ev->revision > last_rev[k])
     last_rev[k] = ev->revision;
-  if (k != S_LOCKS)
+  if (k != S_LOCKS) {
     apply_event(k, ev, rel, rel_len);
+    struct cfs_cache *c = k == S_CONFIG ? &g.config : &g.services;
+    pthread_mutex_lock(&g.lock);
+    if (ev->revision > c->notified)
+      c->notified = ev->revision;
+    pthread_cond_broadcast(&g.cond);
+    pthread_mutex_unlock(&g.lock);
+  }
   publish_event(k, ev, rel, rel_len);
 }
 

@@ -267,6 +267,10 @@ int main(int argc, char **argv) {
   struct fuse_args args = FUSE_ARGS_INIT(argc, argv);
   clock_gettime(CLOCK_REALTIME, &g.started);
   pthread_mutex_init(&g.lock, NULL);
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&g.cond, &ca);
   g.config.prefix = "/config/";
   g.services.prefix = "/services/";
   g.o.lock_ttl_ms = 10000;

@@ -48,6 +48,7 @@ int services_load(void) {
   }
   if (r->revision > g.services.rev)
     g.services.rev = r->revision;
+  g.services.notified = g.services.rev;
   pthread_mutex_unlock(&g.lock);
   coord_kv_result_free(r);
   return 0;

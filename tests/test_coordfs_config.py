@@ -175,14 +175,26 @@ def test_two_concurrent_writers_leave_one_whole_value(etcd, fs):
 
 
 def test_conflicting_append_fails_close(etcd, fs):
+    # The appending process must not fork while its descriptor is open (the
+    # child's close-on-exec would flush, i.e. commit, early), so it is a
+    # child of its own that waits for a line on stdin before closing.
     p = C(fs, "conf")
     sh("echo base > %s" % q(p))
-    fd = os.open(p, os.O_WRONLY | os.O_APPEND)
-    os.write(fd, b"mine\n")
+    prog = ("import os,sys,errno\n"
+            "fd=os.open(sys.argv[1], os.O_WRONLY|os.O_APPEND)\n"
+            "os.write(fd, b'mine\\n')\n"
+            "print('written', flush=True)\n"
+            "sys.stdin.readline()\n"
+            "try:\n"
+            "  os.close(fd); print('closed')\n"
+            "except OSError as e:\n"
+            "  print(errno.errorcode[e.errno])\n")
+    child = subprocess.Popen([sys.executable, "-c", prog, p], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdout.readline().strip() == "written"
     etcd.put("/config/conf", "theirs")
-    with pytest.raises(OSError) as e:
-        os.close(fd)
-    assert e.value.errno == errno.EBUSY
+    out, _ = child.communicate("go\n", timeout=30)
+    assert out.strip() == "EBUSY"
     assert etcd.get("/config/conf") == "theirs"
     wait_for(lambda: read(p) == "theirs", 5, what="their value read back")
     # without a conflict the append commits with the compare
