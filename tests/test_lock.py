@@ -447,6 +447,9 @@ def test_holder_cut_off_from_etcd_is_told(etcd):
     t = Tool(etcd, "hold", "cut", 2000)
     key = t.expect("ACQUIRED")[1]
     ttl = granted_ttl(etcd, lease_of(key))
+    # lease.c counts a lease's local expiry from its first keep-alive answer
+    # (until then it has none): let that answer arrive before the cut.
+    time.sleep(0.6)
     m = etcd.members[0]
     t0 = time.monotonic()
     m.pause()
