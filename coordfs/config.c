@@ -218,8 +218,14 @@ int config_open(const char *rel, struct cfs_file *f, int flags, int create) {
     return -ENOMEM;
   }
   if (!create && !cache_is_file(n)) {
-    pthread_mutex_unlock(&g.lock);
-    return cache_is_dir(n) ? -EISDIR : -ENOENT;
+    /* The kernel still shows the name (its entry is cached for a moment
+     * after the key went away, e.g. a create whose commit failed).  Opened
+     * for writing, the file is made again, as O_CREAT would have. */
+    if (cache_is_dir(n) || !f->writable) {
+      pthread_mutex_unlock(&g.lock);
+      return cache_is_dir(n) ? -EISDIR : -ENOENT;
+    }
+    create = 1;
   }
   int rc = 0;
   if (f->writable) {
