@@ -24,7 +24,12 @@
  *     EINTR from the acquire callback, i.e. after the key is gone.  If the
  *     lock was granted at the same moment, it is released again.
  *   - The lock is released when the open file is released (last close, also
- *     on process death): FUSE release.
+ *     on process death): FUSE release.  The kernel sends release without
+ *     waiting for it (only the flush of close() is synchronous, and a flush
+ *     comes for every close of every dup, so it cannot release), so the key
+ *     is deleted a millisecond or so after close() returned: a `flock -n`
+ *     started right after the previous holder exited can still find it held.
+ *     flock -u (LOCK_UN) is synchronous: the key is gone when it returns.
  *   - write: the bytes (placed at their offsets) become the holder's note
  *     (coord_lock_set_note, a guarded Put).  read: JSON about the lock,
  *     {"name","holder","holder_note","token","ttl_ms","waiters","held_by_me",

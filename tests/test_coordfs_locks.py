@@ -260,6 +260,7 @@ def test_flock_n_and_w(etcd, coordfs_mount):
     wait_keys(etcd, 0)
     # free: -n and O_NONBLOCK succeed
     assert run(["flock", "-n", path, "true"]).returncode == 0
+    wait_keys(etcd, 0)  # FUSE sends release after close() returned: the key goes a moment later
     fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
     assert len(keys(etcd)) == 1
     os.close(fd)
@@ -388,6 +389,7 @@ def test_200_waiters_do_not_block_the_fs(etcd, coordfs_mount, tmp_path):
         assert run(["flock", "-n", m.join("locks", "other"), "true"]).returncode == 0
         took = time.monotonic() - t
         assert took < 2.0 * SLOW, took
+        wait_keys(etcd, 0, prefix="/locks/other/")  # released asynchronously after flock exited
     end_process(h, signal.SIGKILL)
     for w in ws:
         assert w.wait(180 * SLOW) == 0
@@ -542,7 +544,7 @@ def test_read_note_list_and_names(etcd, coordfs_mount):
         etcd.etcdctl("del", "/locks/plainkey")
     finally:
         os.close(fd)
-    assert os.listdir(locks) == []
+    wait_for(lambda: os.listdir(locks) == [], 5 * SLOW, 0.02, "an empty /locks after the close")
     # any name stats as a file; bad operations are refused
     assert os.stat(os.path.join(locks, "nothing")).st_size == 0
     with pytest.raises(OSError) as e:
