@@ -752,13 +752,16 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, stru
     pthread_mutex_unlock(&f->lock);
     break;
   case FK_STATUS:
+    /* a copy, as in op_readdir: release may free f->snap while we reply */
     if ((size_t)off < f->snap_len) {
       len = f->snap_len - (size_t)off < size ? f->snap_len - (size_t)off : size;
-      fuse_reply_buf(req, f->snap + off, len);
-    } else {
-      fuse_reply_buf(req, NULL, 0);
+      data = malloc(len);
+      if (data)
+        memcpy(data, f->snap + off, len);
+      else
+        rc = -ENOMEM;
     }
-    return;
+    break;
   case FK_EVENTS:
     events_read(req, f, size, fi->flags & O_NONBLOCK);
     return;
@@ -1056,10 +1059,22 @@ static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 static void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
   (void)ino;
   struct cfs_file *f = FH(fi);
-  if ((size_t)off >= f->dirlen)
+  if ((size_t)off >= f->dirlen) {
     fuse_reply_buf(req, NULL, 0);
-  else
-    fuse_reply_buf(req, f->dirbuf + off, f->dirlen - (size_t)off < size ? f->dirlen - (size_t)off : size);
+    return;
+  }
+  /* Reply from a copy: once the kernel has the answer, releasedir may free
+   * f->dirbuf on another worker before fuse_reply_buf returns (ASan's writev
+   * interceptor reads the iovec after the call and reports a use after free). */
+  size_t n = f->dirlen - (size_t)off < size ? f->dirlen - (size_t)off : size;
+  char *copy = malloc(n);
+  if (!copy) {
+    fuse_reply_err(req, ENOMEM);
+    return;
+  }
+  memcpy(copy, f->dirbuf + off, n);
+  fuse_reply_buf(req, copy, n);
+  free(copy);
 }
 
 static void op_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
