@@ -1,0 +1,161 @@
+"""test_coordfs_inotify.py — inotify on the mount for changes made anywhere.
+
+inotifywait sees MODIFY, CREATE and DELETE for changes made with etcdctl,
+on a file watch and on a recursive directory watch; a waiter that blocks
+until the file changes (what a systemd path unit does) wakes up; the
+mount's own writes are reported once, not echoed again.
+"""
+
+import os
+import select
+import subprocess
+import time
+
+import pytest
+
+from harness import wait_for
+
+
+@pytest.fixture
+def fs(etcd, coordfs_mount):
+    return coordfs_mount(etcd)
+
+
+def C(m, *parts):
+    return os.path.join(m.path, "config", *parts)
+
+
+class Inotifywait:
+    """inotifywait -m in the background; its events are read unbuffered."""
+
+    def __init__(self, *args):
+        self.p = subprocess.Popen(["inotifywait", "-m", "--format", "%e %w%f"] + list(args),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        err = b""
+        while b"established" not in err:
+            chunk = os.read(self.p.stderr.fileno(), 4096)
+            if not chunk:
+                raise AssertionError("inotifywait failed: %r" % err)
+            err += chunk
+        self.lines = []
+        self.buf = b""
+
+    def wait(self, pred, timeout=5):
+        deadline = time.monotonic() + timeout
+        fd = self.p.stdout.fileno()
+        while not any(pred(line) for line in self.lines):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no matching event; got %r" % self.lines)
+            r, _, _ = select.select([fd], [], [], left)
+            if r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise AssertionError("inotifywait ended; got %r" % self.lines)
+                self.buf += chunk
+                *done, self.buf = self.buf.split(b"\n")
+                self.lines += [d.decode() for d in done]
+
+    def close(self):
+        self.p.kill()
+        self.p.wait()
+
+
+def test_file_watch_sees_modify(etcd, fs):
+    etcd.put("/config/app", "1")
+    wait_for(lambda: os.path.exists(C(fs, "app")), 5, what="app")
+    w = Inotifywait(C(fs, "app"))
+    try:
+        etcd.put("/config/app", "2")
+        w.wait(lambda l: l.startswith("MODIFY"))
+        w.wait(lambda l: l.startswith("CLOSE_WRITE"))
+        with open(C(fs, "app")) as f:
+            assert f.read() == "2"
+        etcd.etcdctl("del", "/config/app")
+        w.wait(lambda l: "DELETE_SELF" in l or "ATTRIB" in l)
+    finally:
+        w.close()
+
+
+def test_recursive_dir_watch_sees_modify_create_delete(etcd, fs):
+    etcd.put("/config/svc/a", "1")
+    wait_for(lambda: os.path.exists(C(fs, "svc", "a")), 5, what="svc/a")
+    w = Inotifywait("-r", C(fs))
+    try:
+        etcd.put("/config/svc/a", "2")
+        w.wait(lambda l: l == "MODIFY " + C(fs, "svc", "a"))
+        etcd.put("/config/svc/b", "new")
+        w.wait(lambda l: l == "CREATE " + C(fs, "svc", "b"))
+        etcd.put("/config/top", "new")
+        w.wait(lambda l: l == "CREATE " + C(fs, "top"))
+        etcd.put("/config/newdir/x", "1")
+        w.wait(lambda l: l == "CREATE,ISDIR " + C(fs, "newdir"))
+        etcd.etcdctl("del", "/config/svc/b")
+        w.wait(lambda l: l == "DELETE " + C(fs, "svc", "b"))
+        etcd.etcdctl("del", "/config/top")
+        w.wait(lambda l: l == "DELETE " + C(fs, "top"))
+    finally:
+        w.close()
+
+
+def test_own_writes_not_echoed(etcd, fs):
+    etcd.put("/config/mine", "0")
+    wait_for(lambda: os.path.exists(C(fs, "mine")), 5, what="mine")
+    w = Inotifywait(C(fs, "mine"))
+    try:
+        with open(C(fs, "mine"), "w") as f:
+            f.write("1")
+        w.wait(lambda l: l.startswith("CLOSE_WRITE"))
+        time.sleep(0.5)
+        # one open/modify/close from the writer itself, nothing from the notifier
+        assert sum(1 for l in w.lines if l.startswith("CLOSE_WRITE")) == 1, w.lines
+    finally:
+        w.close()
+
+
+def test_waiter_wakes_up_on_change(etcd, fs):
+    """inotifywait -e close_write,modify FILE exits on the first change, as a
+    systemd path unit (PathModified=) would fire."""
+    etcd.put("/config/flag", "off")
+    wait_for(lambda: os.path.exists(C(fs, "flag")), 5, what="flag")
+    p = subprocess.Popen(["inotifywait", "-q", "-e", "close_write", "-e", "modify", C(fs, "flag")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        assert p.poll() is None
+        etcd.put("/config/flag", "on")
+        out, _ = p.communicate(timeout=5)
+        assert p.returncode == 0 and ("MODIFY" in out or "CLOSE_WRITE" in out)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_second_mount_change_seen(etcd, coordfs_mount):
+    a, b = coordfs_mount(etcd), coordfs_mount(etcd)
+    with open(C(a, "shared"), "w") as f:
+        f.write("1")
+    wait_for(lambda: os.path.exists(C(b, "shared")), 5, what="shared on b")
+    w = Inotifywait(C(b))
+    try:
+        with open(C(a, "shared"), "w") as f:
+            f.write("2")
+        w.wait(lambda l: l == "MODIFY " + C(b, "shared"))
+        with open(C(a, "other"), "w") as f:
+            f.write("x")
+        w.wait(lambda l: l == "CREATE " + C(b, "other"))
+    finally:
+        w.close()
+
+
+def test_service_instances_create_and_delete(etcd, fs):
+    os.listdir(os.path.join(fs.path, "services"))
+    w = Inotifywait("-r", os.path.join(fs.path, "services"))
+    try:
+        etcd.put("/services/chat/c1", '{"address":"1.1.1.1","port":1}')
+        w.wait(lambda l: l == "CREATE,ISDIR " + os.path.join(fs.path, "services", "chat"))
+        etcd.etcdctl("del", "/services/chat/c1")
+        w.wait(lambda l: l.startswith("DELETE"))
+    finally:
+        w.close()

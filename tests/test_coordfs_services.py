@@ -1,0 +1,172 @@
+"""test_coordfs_services.py — /services on a real coordfs mount.
+
+Listing names, ids and instance JSON; registration by writing a valid
+instance document and keeping the file open: visible to etcdctl while the
+descriptor is open, gone within 100 ms of its close and of SIGKILL of the
+writer; an invalid document gives EINVAL and no key; lease expiry after
+--service-ttl when coordfs itself dies.
+"""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from harness import wait_for
+
+
+@pytest.fixture
+def fs(etcd, coordfs_mount):
+    return coordfs_mount(etcd)
+
+
+def S(m, *parts):
+    return os.path.join(m.path, "services", *parts)
+
+
+def gone_within(etcd, key, seconds):
+    t0 = time.monotonic()
+    while etcd.get(key) is not None:
+        if time.monotonic() - t0 > seconds + 2:
+            break
+    return time.monotonic() - t0
+
+
+def wait_gone(etcd, key, budget):
+    """Seconds until key is gone (polling etcdctl, whose own cost is
+    subtracted by measuring from just before the last present read)."""
+    t0 = time.monotonic()
+    last_present = t0
+    while True:
+        t = time.monotonic()
+        if etcd.get(key) is None:
+            return last_present - t0
+        last_present = t
+        if t - t0 > budget:
+            return t - t0
+
+
+def test_list_names_ids_and_json(etcd, fs):
+    doc = {"id": "c1", "name": "chat", "address": "10.0.0.1", "port": 80}
+    etcd.put("/services/chat/c1", json.dumps(doc))
+    etcd.put("/services/chat/c2", json.dumps(dict(doc, id="c2")))
+    etcd.put("/services/web/w1", json.dumps(dict(doc, id="w1", name="web")))
+    wait_for(lambda: sorted(os.listdir(S(fs))) == ["chat", "web"], 5, what="service names")
+    assert sorted(os.listdir(S(fs, "chat"))) == ["c1", "c2"]
+    with open(S(fs, "chat", "c1")) as f:
+        assert json.load(f) == doc
+
+
+def test_register_while_open_and_gone_on_close(etcd, fs):
+    p = S(fs, "chat", "chat-1")
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.write(fd, b'{"address":"10.0.0.5","port":8080}\n')
+    v = json.loads(etcd.get("/services/chat/chat-1"))
+    assert v["address"] == "10.0.0.5" and v["port"] == 8080
+    assert v["id"] == "chat-1" and v["name"] == "chat"
+    lease = etcd.etcdctl_json("get", "/services/chat/chat-1")["kvs"][0]["lease"]
+    assert lease != 0
+    assert "chat-1" in os.listdir(S(fs, "chat"))
+    time.sleep(0.3)
+    assert etcd.get("/services/chat/chat-1") is not None
+    t0 = time.monotonic()
+    os.close(fd)
+    # the release after close revokes the lease: poll etcd directly
+    wait_for(lambda: etcd.get("/services/chat/chat-1") is None, 5, interval=0.005, what="key gone")
+    took = time.monotonic() - t0
+    # etcdctl itself takes ~20-40 ms per call; the key must be gone at the
+    # first or second look
+    assert took < 0.1 + 0.1, took
+    wait_for(lambda: "chat-1" not in os.listdir(S(fs, "chat")), 5, what="gone from listing")
+
+
+def test_shell_registration_idiom(etcd, fs):
+    p = S(fs, "api", "api-1")
+    r = subprocess.run(["bash", "-c", "exec 3>%s; echo '{\"address\":\"127.0.0.1\",\"port\":9}' >&3; "
+                        "etcdctl --endpoints %s get --print-value-only /services/api/api-1; exec 3>&-"
+                        % (p, etcd.endpoints)], stdout=subprocess.PIPE, text=True, timeout=30)
+    assert json.loads(r.stdout.strip())["port"] == 9
+    wait_for(lambda: etcd.get("/services/api/api-1") is None, 2, interval=0.005, what="gone after exec 3>&-")
+
+
+def test_gone_within_100ms_of_sigkill(etcd, fs):
+    p = S(fs, "chat", "k1")
+    prog = ("import os,sys,time\n"
+            "fd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_TRUNC)\n"
+            "os.write(fd, b'{\"address\":\"10.0.0.9\",\"port\":1}')\n"
+            "print('registered', flush=True)\n"
+            "time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", prog, p], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "registered"
+        assert etcd.get("/services/chat/k1") is not None
+        t0 = time.monotonic()
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        wait_for(lambda: etcd.get("/services/chat/k1") is None, 5, interval=0.005, what="gone after SIGKILL")
+        assert time.monotonic() - t0 < 0.2
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_invalid_document_einval_and_no_key(etcd, fs):
+    for bad in [b'{"address":"x"}', b'{"port":80}', b'{"address":"x","port":70000}', b'[1,2]',
+                b'not json at all', b'{"address":"x","port":1,"id":"other"}',
+                b'{"address":"x","port":1,"name":"other"}']:
+        fd = os.open(S(fs, "chat", "bad"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with pytest.raises(OSError) as e:
+            os.write(fd, bad)
+        assert e.value.errno == errno.EINVAL, bad
+        os.close(fd)
+        assert etcd.get("/services/chat/bad") is None, bad
+    # an incomplete document fails the close
+    fd = os.open(S(fs, "chat", "bad"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.write(fd, b'{"address":"x",')
+    with pytest.raises(OSError) as e:
+        os.close(fd)
+    assert e.value.errno == errno.EINVAL
+    assert etcd.get_prefix("/services/") == {}
+    r = subprocess.run(["bash", "-c", "echo '{\"address\":\"x\"}' > %s" % S(fs, "chat", "bad")],
+                       stderr=subprocess.PIPE, text=True)
+    assert r.returncode != 0 and "Invalid argument" in r.stderr
+
+
+def test_document_in_pieces(etcd, fs):
+    fd = os.open(S(fs, "chat", "p1"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, b'{"address": "10.1.1.1",')
+        assert etcd.get("/services/chat/p1") is None
+        os.write(fd, b' "port": 443, "metadata": {"zone": "a"}}')
+        v = json.loads(etcd.get("/services/chat/p1"))
+        assert v["metadata"] == {"zone": "a"} and v["port"] == 443
+    finally:
+        os.close(fd)
+
+
+def test_lease_expires_after_service_ttl_when_coordfs_dies(etcd, coordfs_mount):
+    m = coordfs_mount(etcd, "--service-ttl", "2")
+    prog = ("import os,sys,time\n"
+            "fd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_TRUNC)\n"
+            "os.write(fd, b'{\"address\":\"10.0.0.9\",\"port\":1}')\n"
+            "print('registered', flush=True)\n"
+            "time.sleep(30)\n")
+    child = subprocess.Popen([sys.executable, "-c", prog, S(m, "ttl", "t1")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "registered"
+        lease = etcd.etcdctl_json("get", "/services/ttl/t1")["kvs"][0]["lease"]
+        ttl = etcd.etcdctl_json("lease", "timetolive", "%x" % lease)["granted-ttl"]
+        assert ttl <= 3
+        m.kill()  # SIGKILL coordfs: nobody revokes the lease
+        time.sleep(1)
+        assert etcd.get("/services/ttl/t1") is not None
+        wait_for(lambda: etcd.get("/services/ttl/t1") is None, 10, what="lease expiry")
+    finally:
+        child.kill()
+        child.wait()
