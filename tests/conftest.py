@@ -37,6 +37,10 @@ from harness import CoordfsMount, EtcdCluster  # noqa: E402
 os.environ.setdefault("PYTEST_TIMEOUT", "240")
 
 
+def pytest_sessionstart(session):
+    harness.sweep_stale()  # what a killed earlier run left in /dev/shm
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     config.addinivalue_line("markers", "cluster: needs a three-member etcd cluster")

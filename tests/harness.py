@@ -114,14 +114,33 @@ def wait_for(pred, timeout, interval=0.02, what="condition"):
 _given_ports = set()
 
 
+def _port_range():
+    """Ports to hand out: below the kernel's ephemeral range, so that no
+    outgoing connection (whose source port comes from that range) can take a
+    port between free_port() and the server's bind, or while a killed member
+    is down before its restart on the same port."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    if low > 12000:
+        return 10000, low - 1
+    return None  # an odd set-up: let the kernel choose
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that nothing listens on now and that this
     process has not handed out before."""
-    for _ in range(200):
+    import random
+    rng = _port_range()
+    for _ in range(500):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            s.bind(("127.0.0.1", 0))
+            s.bind(("127.0.0.1", random.randint(*rng) if rng else 0))
             port = s.getsockname()[1]
+        except OSError:
+            continue
         finally:
             s.close()
         if port not in _given_ports:
@@ -331,6 +350,8 @@ class EtcdMember:
                                start_new_session=True, env=_etcd_env())
         finally:
             log.close()
+        with open(os.path.join(self.dir, "pid"), "w") as f:
+            f.write("%d\n" % self.proc.pid)  # for sweep_stale()
         self.paused = False
         self.started_once = True
 
@@ -393,6 +414,54 @@ class EtcdMember:
         return tail(self.log_path, n)
 
 
+def _alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def sweep_stale(base=None):
+    """Remove what a test run that died (kill -9, a machine reset) left in
+    the etcd temporary directory: coord-* directories whose owning test
+    process is gone.  An etcd still running from such a directory is killed
+    by the PID recorded there, after checking that its command line names
+    that very directory.  Directories of live test runs are left alone."""
+    base = base or tmp_base()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        d = os.path.join(base, name)
+        owner = os.path.join(d, "owner")
+        if not name.startswith("coord-") or not os.path.isfile(owner):
+            continue
+        try:
+            with open(owner) as f:
+                pid = int(f.read().strip() or "0")
+        except (OSError, ValueError):
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        for m in os.listdir(d):
+            pf = os.path.join(d, m, "pid")
+            try:
+                with open(pf) as f:
+                    mpid = int(f.read().strip())
+                with open("/proc/%d/cmdline" % mpid, "rb") as f:
+                    cmd = f.read().decode("utf-8", "replace")
+            except (OSError, ValueError):
+                continue
+            if os.path.join(d, m, "data") in cmd.split("\0"):
+                try:
+                    os.kill(mpid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _etcd_env():
     env = dict(os.environ)
     for k in list(env):
@@ -426,6 +495,8 @@ class EtcdCluster:
         self.log_level = log_level
         self.dir = tempfile.mkdtemp(prefix="coord-%s-" % name, dir=base_dir or tmp_base())
         self.token = os.path.basename(self.dir)
+        with open(os.path.join(self.dir, "owner"), "w") as f:
+            f.write("%d\n" % os.getpid())  # for sweep_stale()
         self.certs = certs
         if tls and certs is None:
             self.certs = Certs(os.path.join(self.dir, "pki"))

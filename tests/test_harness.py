@@ -52,6 +52,32 @@ def _zombie_or_gone(pid):
         return True
 
 
+def test_free_port_avoids_ephemeral_range():
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = [harness.free_port() for _ in range(20)]
+    assert len(set(ports)) == 20
+    assert all(p < low for p in ports)
+
+
+def test_sweep_stale_removes_dead_runs_only(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = harness.EtcdCluster(base_dir=str(tmp_path)).start()
+    live = harness.EtcdCluster(base_dir=str(tmp_path)).start()
+    try:
+        with open(os.path.join(stale.dir, "owner"), "w") as f:
+            f.write("%d\n" % dead.pid)  # as if its pytest had been killed
+        spid = stale.members[0].pid
+        harness.sweep_stale(str(tmp_path))
+        assert not os.path.exists(stale.dir)
+        harness.wait_for(lambda: stale.members[0].proc.poll() is not None, 10, what="stale etcd killed")
+        assert stale.members[0].proc.returncode == -signal.SIGKILL and spid
+        assert os.path.exists(live.dir) and live.members[0].health()
+    finally:
+        stale.close()
+        live.close()
+
+
 def test_compact(etcd):
     for v in ("1", "2", "3"):
         etcd.put("/harness/c", v)
