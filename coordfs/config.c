@@ -201,6 +201,52 @@ static void freshen(const char *key) {
   pthread_mutex_unlock(&g.lock);
 }
 
+int config_freshen_name(const char *rel) {
+  if (!cfs_key_ok(rel, strlen(rel)))
+    return 0;
+  char *k = etcd_key(rel);
+  char *dir = k ? malloc(strlen(k) + 2) : NULL;
+  if (!dir) {
+    free(k);
+    return 0;
+  }
+  sprintf(dir, "%s/", k);
+  coord_range_opts_t ro = {.keys_only = 1, .limit = 1, .timeout_ms = FRESH_CHECK_MS};
+  coord_kv_result_t *r = NULL;
+  int rc = coord_kv_get(g.c, k, &ro, &r);
+  if (!rc && r->n == 0) {
+    coord_kv_result_free(r);
+    r = NULL;
+    ro.prefix = 1;
+    rc = coord_kv_get(g.c, dir, &ro, &r);
+  }
+  char *key = NULL;
+  int64_t want = 0;
+  if (!rc && r->n > 0 && r->kvs[0].key_len > sizeof(CONFIG_PREFIX) - 1) {
+    key = strdup(r->kvs[0].key + sizeof(CONFIG_PREFIX) - 1);
+    want = r->kvs[0].mod_revision;
+  }
+  coord_kv_result_free(r);
+  free(k);
+  free(dir);
+  if (!key)
+    return 0;
+  struct timespec until;
+  clock_gettime(CLOCK_MONOTONIC, &until);
+  until.tv_sec += FRESH_WAIT_MS / 1000;
+  pthread_mutex_lock(&g.lock);
+  for (;;) {
+    struct cfs_node *n = cache_find(&g.config, key);
+    if (n && n->rev >= want && g.config.notified >= want)
+      break;
+    if (pthread_cond_timedwait(&g.cond, &g.lock, &until) == ETIMEDOUT)
+      break;
+  }
+  pthread_mutex_unlock(&g.lock);
+  free(key);
+  return 1;
+}
+
 int config_open(const char *rel, struct cfs_file *f, int flags, int create) {
   char *key = config_key_of(rel);
   if (!key || !*key) {

@@ -214,6 +214,9 @@ void cfs_reply_create(fuse_req_t req, const char *path, struct fuse_file_info *f
 
 int config_load(void); /* initial range; 0 or COORD_E* */
 int config_stat(const char *rel, struct stat *st);
+/* A name the cache does not have: if etcd has it (a key, or keys below it)
+ * wait until the watch thread has brought it in.  1 if it exists. */
+int config_freshen_name(const char *rel);
 int config_list(const char *rel, void (*fill)(const char *name, mode_t mode, void *arg), void *arg);
 int config_open(const char *rel, struct cfs_file *f, int flags, int create);
 int config_read(struct cfs_file *f, size_t size, off_t off, char **out, size_t *out_len); /* malloc'd */

@@ -395,6 +395,10 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
     rc = (op == J_CREATE || op == J_MKDIR) ? -ENOENT : self_stat(path, &st);
   } else {
     rc = do_stat(path, &st);
+    const char *rel;
+    /* a key made elsewhere whose event is still on the way */
+    if (rc == -ENOENT && split(path, &rel) == T_CONFIG && config_freshen_name(rel))
+      rc = do_stat(path, &st);
   }
   struct fuse_entry_param e;
   if (!rc)

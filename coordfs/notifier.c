@@ -87,6 +87,18 @@ static void perform(struct job *j) {
   sprintf(full, "%s/%s", g.o.mountpoint, j->path);
   int fd;
   struct stat st;
+  if (j->op == J_CREATE || j->op == J_MKDIR) {
+    /* the kernel may still hold the name with its old type (a key that
+     * became a directory): drop it so that the operation reaches us */
+    char *slash = strrchr(j->path, '/');
+    if (slash) {
+      *slash = 0;
+      fuse_ino_t parent = cfs_inode_known(j->path);
+      *slash = '/';
+      if (parent)
+        fuse_lowlevel_notify_inval_entry(g.se, parent, slash + 1, strlen(slash + 1));
+    }
+  }
   if (!g.o.ro) {
     switch (j->op) {
     case J_MODIFY:

@@ -298,3 +298,22 @@ def test_two_mounts_see_each_others_writes(etcd, coordfs_mount):
 
     writer()
     wait_for(lambda: read(C(b, "k")) == "n19", 5, what="b sees the last write")
+
+
+def test_new_key_from_etcdctl_read_at_once(etcd, fs):
+    for i in range(10):
+        etcd.put("/config/fresh%d" % i, "v%d" % i)
+        assert sh("cat %s" % q(C(fs, "fresh%d" % i))).stdout == "v%d" % i
+    etcd.put("/config/deep/er/key", "d")
+    assert read(C(fs, "deep", "er", "key")) == "d"
+
+
+def test_file_that_becomes_a_directory(etcd, fs):
+    sh("echo '{\"port\": 8080}' > %s" % q(C(fs, "app")))
+    assert os.path.isfile(C(fs, "app"))
+    etcd.put("/config/app/db", "postgres://db:5432")
+    assert sorted(os.listdir(C(fs, "app"))) == [".value", "db"]
+    assert read(C(fs, "app", ".value")) == '{"port": 8080}\n'
+    etcd.etcdctl("del", "/config/app/db")
+    wait_for(lambda: os.path.isfile(C(fs, "app")), 5, what="app a file again")
+    assert read(C(fs, "app")) == '{"port": 8080}\n'
