@@ -69,7 +69,7 @@ void notifier_queue(enum cfs_job_op op, const char *path, fuse_ino_t ino) {
   else
     head = j;
   tail = j;
-  pthread_cond_signal(&nt_cond);
+  pthread_cond_broadcast(&nt_cond); /* shared with notifier_start's wait */
   pthread_mutex_unlock(&nt_lock);
 }
 
@@ -148,8 +148,9 @@ static void perform(struct job *j) {
 
 static void *notifier_main(void *arg) {
   (void)arg;
-  g.notifier_tid = (pid_t)syscall(SYS_gettid);
   pthread_mutex_lock(&nt_lock);
+  g.notifier_tid = (pid_t)syscall(SYS_gettid);
+  pthread_cond_broadcast(&nt_cond); /* notifier_start waits for the tid */
   for (;;) {
     while (!head && !stopping)
       pthread_cond_wait(&nt_cond, &nt_lock);
@@ -178,9 +179,16 @@ static void *notifier_main(void *arg) {
   return NULL;
 }
 
+/* Returns once the thread's id is known, so that every FUSE request after
+ * this can be told apart (g.notifier_tid is not written again). */
 void notifier_start(void) {
-  if (!pthread_create(&thread, NULL, notifier_main, NULL))
-    started = 1;
+  if (pthread_create(&thread, NULL, notifier_main, NULL))
+    return;
+  started = 1;
+  pthread_mutex_lock(&nt_lock);
+  while (!g.notifier_tid)
+    pthread_cond_wait(&nt_cond, &nt_lock);
+  pthread_mutex_unlock(&nt_lock);
 }
 
 void notifier_stop(void) {

@@ -317,3 +317,15 @@ def test_file_that_becomes_a_directory(etcd, fs):
     etcd.etcdctl("del", "/config/app/db")
     wait_for(lambda: os.path.isfile(C(fs, "app")), 5, what="app a file again")
     assert read(C(fs, "app")) == '{"port": 8080}\n'
+
+
+def test_etcd_restart_cache_stays_coherent(etcd, fs):
+    sh("echo 1 > %s" % q(C(fs, "r")))
+    etcd.stop(0)
+    etcd.start_member(0)
+    etcd.put("/config/r", "2")
+    wait_for(lambda: read(C(fs, "r")) == "2", 10, what="change after restart")
+    etcd.put("/config/r2", "new")
+    wait_for(lambda: "r2" in os.listdir(C(fs)), 10, what="new key after restart")
+    sh("echo 3 > %s" % q(C(fs, "r")))
+    assert etcd.get("/config/r") == "3\n"
