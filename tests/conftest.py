@@ -158,7 +158,7 @@ def coordfs_mount(request, tmp_path):
     yield factory
 
     errors = []
-    for m in mounts:
+    for m in reversed(mounts):  # the last mounted may sit on top of an earlier one
         try:
             m.unmount()
         except Exception as e:  # keep going: every mount must go

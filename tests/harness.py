@@ -934,18 +934,39 @@ def finish_prog(p, timeout=60.0, expect_rc=0, check=True):
 
 # ------------------------------------------------------------------ coordfs
 
-def mounted(path):
-    """True if path is a mount point in /proc/self/mountinfo."""
+def _mounts_on(path):
+    """[(mount id, parent id)] of the mounts on path, from /proc/self/mountinfo."""
     path = os.path.realpath(path)
+    out = []
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 if len(fields) > 4 and _unescape(fields[4]) == path:
-                    return True
+                    out.append((fields[0], fields[1]))
     except OSError:
         pass
-    return False
+    return out
+
+
+def mount_ids(path):
+    """Mount IDs of the mounts on path (a stale, disconnected FUSE mount
+    still counts)."""
+    return {m for m, _ in _mounts_on(path)}
+
+
+def top_mount_id(path):
+    """ID of the mount that path resolves to now (the one stacked on top),
+    or None: the one that is no other mount's parent on that path."""
+    ms = _mounts_on(path)
+    parents = {p for _, p in ms}
+    tops = [m for m, _ in ms if m not in parents]
+    return tops[-1] if tops else None
+
+
+def mounted(path):
+    """True if path is a mount point in /proc/self/mountinfo."""
+    return bool(mount_ids(path))
 
 
 def _unescape(s):
@@ -962,8 +983,9 @@ class CoordfsMount:
     """`coordfs -f --endpoints E [args] MOUNTPOINT` running in the background.
 
     Attributes: path (the mount point), proc, pid, log_path (its stderr and
-    stdout), endpoints, argv.  unmount() is idempotent; check() raises if
-    coordfs printed a sanitizer report."""
+    stdout), endpoints, argv, mount_id, is_mounted.  unmount() is idempotent
+    and touches only this coordfs's own mount; check() raises if coordfs
+    printed a sanitizer report."""
 
     def __init__(self, mountpoint, endpoints, args=(), env=None, log_path=None, binary=None):
         self.path = os.path.realpath(mountpoint)
@@ -975,6 +997,7 @@ class CoordfsMount:
         self.env = prog_env(env, endpoints)
         self.proc = None
         self.returncode = None
+        self.mount_id = None
 
     @property
     def pid(self):
@@ -983,6 +1006,7 @@ class CoordfsMount:
     def start(self, timeout=None):
         if timeout is None:
             timeout = 60.0 if SANITIZE else 20.0
+        before = mount_ids(self.path)  # e.g. the dead mount of a coordfs killed with -9
         log = open(self.log_path, "ab")
         try:
             self.proc = _popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -990,7 +1014,7 @@ class CoordfsMount:
         finally:
             log.close()
         deadline = time.monotonic() + timeout
-        while not mounted(self.path):
+        while not (mount_ids(self.path) - before):
             if self.proc.poll() is not None:
                 raise HarnessError("coordfs exited with %s before mounting %s:\n%s" % (
                     self.proc.returncode, self.path, tail(self.log_path, 60)))
@@ -999,7 +1023,20 @@ class CoordfsMount:
                 raise HarnessError("coordfs did not mount %s within %.0fs:\n%s" % (
                     self.path, timeout, tail(self.log_path, 60)))
             time.sleep(0.02)
+        self.mount_id = sorted(mount_ids(self.path) - before)[-1]
         return self
+
+    @property
+    def is_mounted(self):
+        """This coordfs's own mount is still there (perhaps under another
+        one mounted on the same path later)."""
+        return self.mount_id is not None and self.mount_id in mount_ids(self.path)
+
+    @property
+    def on_top(self):
+        """This coordfs's mount is the one the path shows (fusermount3 -u on
+        the path would unmount it)."""
+        return self.mount_id is not None and top_mount_id(self.path) == self.mount_id
 
     def join(self, *parts):
         return os.path.join(self.path, *parts)
@@ -1018,16 +1055,19 @@ class CoordfsMount:
         then SIGKILL by PID if it does not).  Returns its exit code."""
         if self.proc is None:
             return None
-        if mounted(self.path):
+        # Only our own mount, and only while it is the one on top: a later
+        # coordfs may be stacked on the same path (unmount that one first;
+        # the fixture unmounts in reverse order of mounting).
+        if self.on_top:
             r = fusermount_u(self.path)
-            if r.returncode != 0 and mounted(self.path):
+            if r.returncode != 0 and self.on_top:
                 fusermount_u(self.path, lazy=True)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             end_process(self.proc, signal.SIGTERM, 5)
         _live.discard(self.proc)
-        if mounted(self.path):  # coordfs died without unmounting
+        if self.on_top:  # coordfs died without unmounting
             fusermount_u(self.path, lazy=True)
         self.returncode = self.proc.returncode
         return self.returncode

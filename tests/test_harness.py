@@ -288,13 +288,35 @@ def test_mounted_helper(tmp_path):
 
 def test_coordfs_mount(etcd, coordfs_mount):
     m = coordfs_mount(etcd)
-    assert harness.mounted(m.path) and m.proc.poll() is None
+    assert harness.mounted(m.path) and m.is_mounted and m.proc.poll() is None
     assert isinstance(os.listdir(m.path), list)
     m2 = coordfs_mount(etcd.endpoints)  # a plain endpoints string works too
     assert m2.path != m.path and harness.mounted(m2.path)
     rc = m2.unmount()
     assert not harness.mounted(m2.path)
     assert rc == 0, m2.log()
+    assert m2.unmount() == 0  # idempotent
+
+
+def test_coordfs_mount_after_kill_on_same_path(etcd, coordfs_mount):
+    m = coordfs_mount(etcd)
+    m.kill()  # kill -9: the dead mount stays (ENOTCONN)
+    m.proc.wait(10)
+    assert harness.mounted(m.path)
+    with pytest.raises(OSError):
+        os.listdir(m.path)
+    # a new coordfs on the same path waits for its own mount, not the dead one
+    m2 = coordfs_mount(etcd, mountpoint=m.path)
+    assert m2.mount_id != m.mount_id and isinstance(os.listdir(m2.path), list)
+    assert m2.on_top and m.is_mounted and not m.on_top  # stacked on the dead one
+    # the dead one's clean-up leaves the new mount alone
+    m.unmount()
+    assert m2.on_top and isinstance(os.listdir(m2.path), list)
+    # the fixture unmounts m2, then the dead mount under it
+    m2.unmount()
+    assert m.on_top
+    m.unmount()
+    assert not harness.mounted(m.path)
 
 
 # ------------------------------------------------------------------ scripts/run
