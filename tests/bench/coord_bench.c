@@ -40,6 +40,7 @@ static long n_iter = 1000;
 static int conc = 64;
 static int hold_ms = 120;
 static size_t value_size = 100;
+static int64_t max_ns = 0; /* --max-seconds: coordfs loops stop early (0: no limit) */
 static char *value;
 static coord_t *cli;
 
@@ -356,9 +357,12 @@ static void run_fs_read(int reopen) {
     close(f);
   }
   int64_t start = now_ns();
-  for (long i = 0; i < n_iter; i++) {
+  long i;
+  for (i = 0; i < n_iter; i++) {
     int64_t t0 = now_ns();
     ssize_t got;
+    if (max_ns && t0 - start > max_ns)
+      break;
     if (reopen) {
       int f = open(path, O_RDONLY);
       if (f < 0)
@@ -372,7 +376,7 @@ static void run_fs_read(int reopen) {
       fail("read", got < 0 ? errno : EIO);
     lat[i] = now_ns() - t0;
   }
-  emit(lat, n_iter, now_ns() - start);
+  emit(lat, (size_t)i, now_ns() - start);
   if (fd >= 0)
     close(fd);
   free(lat);
@@ -425,6 +429,8 @@ static void run_inotify(void) {
   for (long i = 0; i < n_iter; i++) {
     int len = snprintf(v, sizeof v, "%ld", i + 1);
     int64_t t0 = now_ns(), t1 = 0;
+    if (max_ns && t0 - start > max_ns)
+      break;
     put(wkey, v, len);
     int64_t until = t0 + 2000000000LL;
     while (!t1) {
@@ -471,11 +477,13 @@ int main(int argc, char **argv) {
       path = argv[++i];
     else if (!strcmp(a, "--key") && nx)
       wkey = argv[++i];
+    else if (!strcmp(a, "--max-seconds") && nx)
+      max_ns = (int64_t)(atof(argv[++i]) * 1e9);
     else if (a[0] != '-')
       workload = a;
     else {
       fprintf(stderr, "usage: coord_bench [--endpoints E] [--n N] [--conc C] [--prefix P] [--hold-ms H] "
-                      "[--value-size S] [--path FILE] [--key KEY] WORKLOAD\n");
+                      "[--value-size S] [--path FILE] [--key KEY] [--max-seconds S] WORKLOAD\n");
       return 2;
     }
   }
