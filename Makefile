@@ -182,7 +182,7 @@ SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
 MOUNT_FUSE ?= /sbin/mount.fuse3
 # paths in the .pc relative to ${prefix} when they are under it
 pc_rel = $(patsubst $(PREFIX)/%,$${prefix}/%,$(1))
-INSTALL_SCRIPTS := examples/coord-register examples/coord-env
+INSTALL_SCRIPTS := examples/coord-register examples/coord-env examples/coord-config-watch
 
 install: $(LIB) $(LIBA) $(FS) $(TOOL_BIN)
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(INCLUDEDIR) \
@@ -203,7 +203,7 @@ install: $(LIB) $(LIBA) $(FS) $(TOOL_BIN)
 	install -m 0644 docs/man/coordfs.8 $(DESTDIR)$(MANDIR)/man8/coordfs.8
 	for u in packaging/systemd/*.service packaging/systemd/*.mount; do \
 	  sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@BINDIR@|$(BINDIR)|g' $$u > $(DESTDIR)$(SYSTEMDUNITDIR)/$$(basename $$u); done
-	install -m 0644 $$(ls examples/* | grep -v '/coord-') $(DESTDIR)$(DOCDIR)/examples/
+	install -m 0644 examples/* $(DESTDIR)$(DOCDIR)/examples/
 	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then ldconfig; fi
 
 uninstall:
