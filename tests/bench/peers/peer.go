@@ -31,7 +31,7 @@ import (
 
 var (
 	endpoints = flag.String("endpoints", "127.0.0.1:2379", "comma-separated etcd endpoints")
-	workload  = flag.String("workload", "put_seq", "put_seq|get_lin|get_ser|put_conc|get_conc|lock_cycle|lock_handoff|watch|fill")
+	workload  = flag.String("workload", "put_seq", "put_seq|get_lin|get_ser|put_conc|get_conc|lock_cycle|lock_cycle_session|lock_handoff|watch|fill")
 	n         = flag.Int("n", 1000, "iterations (total operations for *_conc)")
 	conc      = flag.Int("conc", 64, "concurrent workers for *_conc")
 	prefix    = flag.String("prefix", "/bench/go", "key prefix for this run")
@@ -185,6 +185,29 @@ func main() {
 			if err := m.Unlock(ctx); err != nil {
 				fail(err)
 			}
+			lat = append(lat, time.Since(t0))
+		}
+		emit(lat, time.Since(start))
+
+	case "lock_cycle_session":
+		// What etcdctl lock and many Go programs do: a session (a lease) per
+		// lock, so LeaseGrant + Txn + Delete + LeaseRevoke per cycle.
+		lat := make([]time.Duration, 0, *n)
+		start := time.Now()
+		for i := 0; i < *n; i++ {
+			t0 := time.Now()
+			s, err := concurrency.NewSession(cli, concurrency.WithTTL(10))
+			if err != nil {
+				fail(err)
+			}
+			m := concurrency.NewMutex(s, *prefix+"/lock")
+			if err := m.Lock(ctx); err != nil {
+				fail(err)
+			}
+			if err := m.Unlock(ctx); err != nil {
+				fail(err)
+			}
+			s.Close()
 			lat = append(lat, time.Since(t0))
 		}
 		emit(lat, time.Since(start))
