@@ -283,8 +283,9 @@ static int lock_errno(int status, int interrupted) {
 
 /* ---------------------------------------------------------------- callbacks */
 
-static void on_lost(coord_lock_t *lock, void *arg) {
-  struct lkf *l = arg;
+/* Not under L.mu: the held lock `lock` of l is lost (libcoord said so, or a
+ * guarded write found our key gone first).  Wakes a waiting poll. */
+static void mark_lost(struct lkf *l, coord_lock_t *lock) {
   struct fuse_pollhandle *ph = NULL;
   pthread_mutex_lock(&L.mu);
   if (l->h == lock && l->st == L_HELD) {
@@ -297,6 +298,10 @@ static void on_lost(coord_lock_t *lock, void *arg) {
     fuse_lowlevel_notify_poll(ph);
     fuse_pollhandle_destroy(ph);
   }
+}
+
+static void on_lost(coord_lock_t *lock, void *arg) {
+  mark_lost(arg, lock);
 }
 
 /* Acquire outcome, on the event thread (or, for a lock granted before
@@ -785,6 +790,8 @@ void locks_write(fuse_req_t req, struct cfs_file *f, const char *buf, size_t siz
   pthread_mutex_unlock(&L.mu);
 
   int rc = coord_lock_set_note(h, note, nlen);
+  if (rc == COORD_ELOST)
+    mark_lost(l, h); /* before on_lost, maybe: read and poll must agree now */
 
   pthread_mutex_lock(&L.mu);
   if (rc == 0 && l->h == h) {
