@@ -663,9 +663,17 @@ static struct lkf *LK(struct cfs_file *f) {
 /* JSON about the lock: holder (lowest create revision), its note, token and
  * TTL left, waiters, and this file's own state. */
 static int build_info(struct lkf *l, char **out, size_t *len) {
+  /* held before the Range (and still, after it): our key must be the holder,
+   * or the lock is lost even if on_lost has not arrived yet */
+  pthread_mutex_lock(&L.mu);
+  coord_lock_t *h0 = l->st == L_HELD && l->key ? l->h : NULL;
+  char *key0 = h0 ? strdup(l->key) : NULL;
+  pthread_mutex_unlock(&L.mu);
   char *prefix = NULL;
-  if (asprintf(&prefix, LOCKS_PREFIX "%s/", l->name) < 0)
+  if (asprintf(&prefix, LOCKS_PREFIX "%s/", l->name) < 0) {
+    free(key0);
     return -ENOMEM;
+  }
   coord_range_opts_t ro = {.prefix = 1,
                            .limit = 1,
                            .sort_order = COORD_SORT_ASCEND,
@@ -674,9 +682,23 @@ static int build_info(struct lkf *l, char **out, size_t *len) {
   coord_kv_result_t *r = NULL;
   int rc = coord_kv_get(g.c, prefix, &ro, &r);
   free(prefix);
-  if (rc)
+  if (rc) {
+    free(key0);
     return -cfs_errno(rc);
+  }
   coord_kv_t *holder = r->n ? &r->kvs[0] : NULL;
+  int gone = key0 && (!holder || strcmp(holder->key, key0));
+  free(key0);
+  if (gone) {
+    coord_kv_result_free(r);
+    mark_lost(l, h0); /* no-op if it changed meanwhile (then it is not ours to judge) */
+    pthread_mutex_lock(&L.mu);
+    int lost = l->st == L_LOST && l->h == h0;
+    pthread_mutex_unlock(&L.mu);
+    if (lost)
+      return -EIO;
+    return build_info(l, out, len);
+  }
   int64_t ttl_ms = 0, granted = 0;
   if (holder && holder->lease) {
     if (coord_lease_ttl(g.c, holder->lease, &ttl_ms, &granted))

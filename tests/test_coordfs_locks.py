@@ -441,6 +441,34 @@ def test_revoked_lease_fails_holder_and_frees_lock(etcd, coordfs_mount):
     wait_keys(etcd, 0)
 
 
+def test_read_after_loss_fails(etcd, coordfs_mount):
+    """The first operation after the loss is a read: EIO, then write too."""
+    m = coordfs_mount(etcd)
+    fd = os.open(m.join("locks", "rd"), os.O_RDWR)
+    try:
+        assert json.loads(os.pread(fd, 65536, 0))["held_by_me"] is True
+        key = keys(etcd)[0]
+        etcd.etcdctl("lease", "revoke", key.rsplit("/", 1)[1])
+
+        def read_fails():
+            try:
+                os.pread(fd, 65536, 0)
+                return False
+            except OSError as e:
+                assert e.errno == errno.EIO
+                return True
+        wait_for(read_fails, 5 * SLOW, 0.01, "the holder's read to fail")
+        with pytest.raises(OSError) as e:
+            os.write(fd, b"x")
+        assert e.value.errno == errno.EIO
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    wait_keys(etcd, 0)
+
+
 def test_poll_wakes_on_loss(etcd, coordfs_mount):
     m = coordfs_mount(etcd)
     path = m.join("locks", "p")
