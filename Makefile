@@ -170,7 +170,8 @@ clean:
 # make install [PREFIX=/usr/local] [DESTDIR=staging] [LIBDIR=...]: libcoord.so
 # (soname libcoord.so.$(SOVERSION), file libcoord.so.$(LIBVERSION)), libcoord.a,
 # coord.h, libcoord.pc, coordfs + the mount helper mount.fuse.coordfs, the
-# coord-register / coord-env / coord-xds tools, man pages, systemd units.
+# coord-register / coord-env / coord-config-watch / coord-xds tools, man pages,
+# the systemd unit template (coord.mount goes with the examples in DOCDIR).
 LIBDIR ?= $(PREFIX)/lib
 INCLUDEDIR ?= $(PREFIX)/include
 PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
@@ -201,9 +202,8 @@ install: $(LIB) $(LIBA) $(FS) $(TOOL_BIN)
 	install -m 0755 $(TOOL_BIN) $(INSTALL_SCRIPTS) $(DESTDIR)$(BINDIR)/
 	install -m 0644 docs/man/libcoord.3 $(DESTDIR)$(MANDIR)/man3/libcoord.3
 	install -m 0644 docs/man/coordfs.8 $(DESTDIR)$(MANDIR)/man8/coordfs.8
-	for u in packaging/systemd/*.service packaging/systemd/*.mount; do \
-	  sed -e 's|@SBINDIR@|$(SBINDIR)|g' -e 's|@BINDIR@|$(BINDIR)|g' $$u > $(DESTDIR)$(SYSTEMDUNITDIR)/$$(basename $$u); done
-	install -m 0644 examples/* $(DESTDIR)$(DOCDIR)/examples/
+	sed -e 's|@SBINDIR@|$(SBINDIR)|g' packaging/systemd/coordfs@.service > $(DESTDIR)$(SYSTEMDUNITDIR)/coordfs@.service
+	install -m 0644 examples/* packaging/systemd/coord.mount $(DESTDIR)$(DOCDIR)/examples/
 	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then ldconfig; fi
 
 uninstall:
@@ -212,7 +212,7 @@ uninstall:
 	  $(DESTDIR)$(INCLUDEDIR)/coord.h $(DESTDIR)$(SBINDIR)/coordfs $(DESTDIR)$(SBINDIR)/mount.fuse.coordfs \
 	  $(patsubst %,$(DESTDIR)$(BINDIR)/%,$(notdir $(TOOL_BIN) $(INSTALL_SCRIPTS))) \
 	  $(DESTDIR)$(MANDIR)/man3/libcoord.3 $(DESTDIR)$(MANDIR)/man8/coordfs.8 \
-	  $(patsubst packaging/systemd/%,$(DESTDIR)$(SYSTEMDUNITDIR)/%,$(wildcard packaging/systemd/*.service packaging/systemd/*.mount))
+	  $(DESTDIR)$(SYSTEMDUNITDIR)/coordfs@.service
 	rm -rf $(DESTDIR)$(DOCDIR)
 	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then ldconfig; fi
 
@@ -224,5 +224,5 @@ deb:
 	rm -rf $(DEBDIR)/src && mkdir -p $(DEBDIR)/src
 	git ls-files -co --exclude-standard | grep -v '^\(build\|build-san\|mnt\|\.run\)/' | \
 	  tar -cf - -T - | tar -xf - -C $(DEBDIR)/src
-	cd $(DEBDIR)/src && dpkg-buildpackage -us -uc -b
+	cd $(DEBDIR)/src && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL dpkg-buildpackage -us -uc -b
 	@ls -1 $(DEBDIR)/*.deb

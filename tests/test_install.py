@@ -13,9 +13,11 @@
     `mount -t fuse.coordfs SOURCE DIR`, the helper mount.fuse.coordfs, and an
     fstab line (`mount -T FSTAB DIR`); each daemonizes and is unmounted with
     umount, after which the daemon must exit by itself;
-  - `make deb` builds the Debian packages; their contents are checked, and
-    they install into and remove cleanly from a scratch dpkg database
-    (dpkg --root; the real system is never touched).
+  - `make deb` builds the Debian packages (about 1 CPU-minute; several
+    minutes of wall time on a busy machine; COORD_DEB_DIR=dir reuses .debs
+    already built there); their contents are checked, and they install into
+    and remove cleanly from a scratch dpkg database (dpkg --root; the real
+    system is never touched).
 """
 
 import glob
@@ -125,7 +127,7 @@ def test_layout(destdir):
     assert "Library soname: [libcoord.so.0]" in dyn
     for f in ["usr/lib/libcoord.a", "usr/include/coord.h", "usr/lib/pkgconfig/libcoord.pc",
               "usr/share/man/man3/libcoord.3", "usr/share/man/man8/coordfs.8",
-              "usr/lib/systemd/system/coordfs@.service", "usr/lib/systemd/system/coord.mount",
+              "usr/lib/systemd/system/coordfs@.service", "usr/share/doc/coord/examples/coord.mount",
               "usr/share/doc/coord/examples/deploy.sh"]:
         assert os.path.isfile(os.path.join(destdir, f)), f
     for f in ["usr/sbin/coordfs", "usr/bin/coord-register", "usr/bin/coord-env",
@@ -310,8 +312,15 @@ def debs(tmp_path_factory):
     for tool in ("dpkg-buildpackage", "dh"):
         if not shutil.which(tool):
             pytest.skip("%s not installed (scripts/install-deps installs it)" % tool)
+    pre = os.environ.get("COORD_DEB_DIR")  # .debs already built by `make deb DEBDIR=...`
+    if pre and glob.glob(os.path.join(pre, "*.deb")):
+        return {os.path.basename(p).split("_")[0]: p for p in glob.glob(os.path.join(pre, "*.deb"))}
     d = str(tmp_path_factory.mktemp("deb"))
-    make("deb", "DEBDIR=" + d, timeout=1200)
+    # not make(): no B=/SANITIZE= on the command line, the package builds its own way
+    r = subprocess.run(["make", "-C", REPO, "--no-print-directory", "deb", "DEBDIR=" + d],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+                       timeout=1200)
+    assert r.returncode == 0, r.stdout[-8000:]
     found = {os.path.basename(p).split("_")[0]: p for p in glob.glob(os.path.join(d, "*.deb"))}
     return found
 
@@ -342,7 +351,7 @@ def test_deb_builds_installs_and_removes(debs, tmp_path):
         assert f in fs, f
     info = subprocess.run(["dpkg-deb", "-f", debs["coordfs"], "Depends"], stdout=subprocess.PIPE, text=True,
                           check=True).stdout
-    assert "fuse3" in info and "libcoord0" in info, info
+    assert "fuse3" in info, info
 
     # install and remove in a scratch root with its own dpkg database
     root = str(tmp_path / "root")
