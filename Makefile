@@ -222,7 +222,7 @@ uninstall:
 DEBDIR ?= build/deb
 deb:
 	rm -rf $(DEBDIR)/src && mkdir -p $(DEBDIR)/src
-	git ls-files -co --exclude-standard | grep -v '^\(build\|build-san\|mnt\|\.run\)/' | \
+	git ls-files -co --exclude-standard -- Makefile libcoord coordfs proto scripts docs examples packaging debian | \
 	  tar -cf - -T - | tar -xf - -C $(DEBDIR)/src
 	cd $(DEBDIR)/src && env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL dpkg-buildpackage -us -uc -b
 	@ls -1 $(DEBDIR)/*.deb
