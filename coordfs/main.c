@@ -32,6 +32,10 @@
 
 #include <fuse_opt.h>
 
+/* Declared by fuse_lowlevel.h only for FUSE_USE_VERSION >= 312. */
+int fuse_session_loop_mt_312(struct fuse_session *se, struct fuse_loop_config *config);
+#define CFS_MAX_THREADS 512
+
 enum { KEY_HELP, KEY_VERSION, KEY_FG, KEY_DEBUG, KEY_RO, KEY_ALLOW_OTHER, KEY_DEFPERM, KEY_IGNORE };
 
 struct raw {
@@ -397,8 +401,13 @@ int main(int argc, char **argv) {
     detach_stdio();
   pthread_sigmask(SIG_SETMASK, &old, NULL);
 
-  struct fuse_loop_config lc = {.clone_fd = 0, .max_idle_threads = 16};
-  rc = fuse_session_loop_mt(se, &lc);
+  /* The 3.12 loop API (libfuse 3.14 exports it) lifts the 3.2 loop's cap
+   * of 10 worker threads: an op that waits for etcd ties up one thread. */
+  struct fuse_loop_config *lc = fuse_loop_cfg_create();
+  fuse_loop_cfg_set_idle_threads(lc, 16);
+  fuse_loop_cfg_set_max_threads(lc, CFS_MAX_THREADS);
+  rc = fuse_session_loop_mt_312(se, lc);
+  fuse_loop_cfg_destroy(lc);
 
   pthread_sigmask(SIG_BLOCK, &block, NULL);
   events_stop();
