@@ -208,6 +208,43 @@ void cache_children(struct cfs_cache *c, const char *dir,
     }
 }
 
+/* A node that holds nothing any more and that no late answer can touch:
+ * a deleted key the watch has gone past, with nothing below or open. */
+static int prunable(const struct cfs_cache *c, const struct cfs_node *n) {
+  return !n->present && !n->ndesc && !n->localdir && !n->creating && !n->pending && n->rev <= c->notified;
+}
+
+static void drop(struct cfs_cache *c, struct cfs_node *n) {
+  struct cfs_node **pp = &c->tab[hash(n->path) % c->cap];
+  for (; *pp; pp = &(*pp)->next)
+    if (*pp == n) {
+      *pp = n->next;
+      c->n--;
+      free(n->path);
+      free(n->val);
+      free(n);
+      return;
+    }
+}
+
+void cache_prune(struct cfs_cache *c, const char *key) {
+  char *p = strdup(key);
+  if (!p)
+    return;
+  for (;;) {
+    struct cfs_node *n = cache_find(c, p);
+    if (n && prunable(c, n))
+      drop(c, n);
+    else if (n)
+      break; /* an ancestor still in use keeps the ones above it too */
+    char *s = strrchr(p, '/');
+    if (!s)
+      break;
+    *s = 0;
+  }
+  free(p);
+}
+
 void cache_free(struct cfs_cache *c) {
   for (size_t i = 0; i < c->cap; i++) {
     struct cfs_node *n = c->tab[i], *next;

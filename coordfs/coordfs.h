@@ -122,6 +122,10 @@ struct cfs_node *cache_node(struct cfs_cache *c, const char *path); /* find or a
  * watch event if it came first. */
 int cache_apply(struct cfs_cache *c, const char *key, size_t key_len, int is_put, const void *val, size_t len,
                 int64_t rev, int64_t create_rev, int64_t version, int64_t lease);
+/* Frees the nodes of key and its ancestors that hold nothing any more
+ * (deleted, nothing below, nothing open or in flight, older than the
+ * watch's progress).  g.lock held; called by the watch thread. */
+void cache_prune(struct cfs_cache *c, const char *key);
 /* Marks a write of this mount to key as in flight (d = 1) or done (-1).
  * g.lock held. */
 void cache_pending(struct cfs_cache *c, const char *key, int d);

@@ -465,11 +465,15 @@ static void handle(int k, coord_event_t *ev) {
   if (k != S_LOCKS) {
     apply_event(k, ev, rel, rel_len);
     struct cfs_cache *c = k == S_CONFIG ? &g.config : &g.services;
+    char *key = strndup(rel, rel_len);
     pthread_mutex_lock(&g.lock);
     if (ev->revision > c->notified)
       c->notified = ev->revision;
+    if (key && ev->type == COORD_EVENT_DELETE)
+      cache_prune(c, key);
     pthread_cond_broadcast(&g.cond);
     pthread_mutex_unlock(&g.lock);
+    free(key);
   }
   publish_event(k, ev, rel, rel_len);
 }
