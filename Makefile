@@ -166,6 +166,16 @@ format:
 clean:
 	rm -rf build build-san build-fuzz
 
+# coordfs logs every etcd call at debug level (coordfs/log.c): its references
+# to these libcoord calls (and libcoord's own, across its objects) are linked
+# to log.c's __wrap_<call>, which calls __real_<call>.
+comma := ,
+FS_WRAP := coord_new coord_close coord_status coord_kv_get coord_kv_put coord_kv_delete coord_kv_txn \
+  coord_lease_grant coord_lease_revoke coord_lease_ttl coord_lease_keepalive coord_watch_create \
+  coord_watch_next coord_lock_try_acquire coord_lock_acquire_async coord_lock_cancel coord_lock_unlock \
+  coord_lock_set_note
+$(FS): LDFLAGS += $(patsubst %,-Wl$(comma)--wrap=%,$(FS_WRAP))
+
 # ---- install / uninstall / deb (issue 9) ------------------------------------
 # make install [PREFIX=/usr/local] [DESTDIR=staging] [LIBDIR=...]: libcoord.so
 # (soname libcoord.so.$(SOVERSION), file libcoord.so.$(LIBVERSION)), libcoord.a,

@@ -19,6 +19,7 @@
  * the leases of open registrations.  `fusermount3 -u` ends the loop too.
  */
 #include "coordfs.h"
+#include "log.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -285,6 +286,7 @@ int main(int argc, char **argv) {
     usage(stderr);
     return 2;
   }
+  cfs_log_init(g.o.foreground, g.o.debug); /* stderr with -f/-d, else syslog */
   if (!raw.first_nonopt) {
     fprintf(stderr, "coordfs: no mount point given\n");
     usage(stderr);
@@ -399,6 +401,7 @@ int main(int argc, char **argv) {
   report(0);
   if (!g.o.foreground)
     detach_stdio();
+  cfs_log_started(g.o.mountpoint, g.o.endpoints);
   pthread_sigmask(SIG_SETMASK, &old, NULL);
 
   /* The 3.12 loop API (libfuse 3.14 exports it) lifts the 3.2 loop's cap
@@ -410,6 +413,7 @@ int main(int argc, char **argv) {
   fuse_loop_cfg_destroy(lc);
 
   pthread_sigmask(SIG_BLOCK, &block, NULL);
+  cfs_log(LOG_NOTICE, "unmounting %s", g.o.mountpoint);
   events_stop();
   fuse_remove_signal_handlers(se);
   fuse_session_unmount(se);

@@ -375,3 +375,80 @@ def test_deb_builds_installs_and_removes(debs, tmp_path):
             if (not os.path.isdir(p) or os.path.islink(p)) and "/var/lib/dpkg/" not in p
             and "/var/log/" not in p]
     assert left == [], left
+
+
+# ------------------------------------------------------------------ logging
+
+def test_foreground_debug_logs_fuse_requests_and_etcd_calls(etcd, coordfs_mount):
+    etcd.put("/config/logged/key", "v1")
+    m = coordfs_mount(etcd, "-d")
+    with open(m.join("config/logged/key")) as f:
+        assert f.read() == "v1"
+    etcd.put("/config/logged/key", "v2")
+    wait = time.monotonic() + 10
+    while "watch event PUT logged/key" not in m.log() and "watch event PUT /config/logged/key" not in m.log():
+        assert time.monotonic() < wait, m.log()[-3000:]
+        time.sleep(0.05)
+    log = m.log()
+    assert "notice: mounted %s" % m.path in log
+    assert "opcode: LOOKUP" in log  # libfuse's request trace, through our log
+    assert "debug: etcd connect endpoints=%s" % etcd.endpoints in log
+    assert "debug: etcd Range /config/" in log or "debug: etcd Watch /config/" in log, log[-3000:]
+
+
+def test_foreground_default_level_is_quiet(etcd, coordfs_mount):
+    m = coordfs_mount(etcd)
+    os.listdir(m.join("config"))
+    log = m.log()
+    assert "notice: mounted %s" % m.path in log
+    assert "debug:" not in log and "opcode:" not in log
+
+
+def test_daemon_logs_to_syslog(tmp_path, etcd):
+    """coordfs without -f logs to syslog.  No syslog daemon runs here: in a
+    private mount namespace a directory with our own /dev/log (a datagram
+    socket this test reads), /dev/null and /dev/fuse is bound on /dev."""
+    import socket
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare(1)")
+    binary = harness.require_build("coordfs")
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "null").touch()
+    (dev / "fuse").touch()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(dev / "log"))
+    sock.settimeout(0.2)
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    etcd.put("/config/sys/key", "logged")
+    script = """
+        set -e
+        mount --bind /dev/null {dev}/null
+        mount --bind /dev/fuse {dev}/fuse
+        mount --rbind {dev} /dev
+        {coordfs} --endpoints {ep} {mnt}
+        trap 'umount {mnt} || umount -l {mnt}' EXIT
+        cat {mnt}/config/sys/key; echo
+    """.format(dev=dev, coordfs=binary, ep=etcd.endpoints, mnt=mnt)
+    env = harness.prog_env(dict(os.environ, COORDFS_LOG_LEVEL="debug"))
+    try:
+        r = subprocess.run(["unshare", "--mount", "sh", "-c", script], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env=env, stdin=subprocess.DEVNULL, timeout=60)
+        alive = _wait_gone(_daemon_pids(mnt))
+        assert r.returncode == 0, r.stdout
+        assert r.stdout.split() == ["logged"], r.stdout
+        assert not alive
+        msgs = []
+        while True:
+            try:
+                msgs.append(sock.recv(65536).decode(errors="replace"))
+            except socket.timeout:
+                break
+    finally:
+        sock.close()
+    text = "\n".join(msgs)
+    # <29> = facility daemon (3 << 3) + notice (5); <31> = daemon + debug
+    assert any(m.startswith("<29>") and "coordfs[" in m and "mounted %s" % mnt in m for m in msgs), text[:3000]
+    assert any(m.startswith("<31>") and "etcd Range" in m for m in msgs), text[:3000]
+    assert any("unmounting %s" % mnt in m for m in msgs), text[-3000:]
