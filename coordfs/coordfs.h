@@ -174,7 +174,7 @@ struct cfs_file {
   char *snap;
   size_t snap_len;
   /* service registration */
-  int64_t lease;
+  uint64_t reg_id; /* services.c's registration, 0 if none */
   int registered;
   /* /events stream */
   struct cfs_stream *stream;

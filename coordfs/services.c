@@ -13,13 +13,21 @@
  * nothing is registered in either case.  The last close of the open file
  * (FUSE release: also when the process dies) revokes the lease, which
  * deletes the key at once.  If coordfs dies the lease expires after the TTL.
+ * If the lease is lost while the file is open (coordfs cut off from etcd for
+ * longer than the TTL), the instance is registered again under a new lease
+ * as soon as etcd answers.
  *
  * Any name below /services looks up as a directory (empty if it has no
  * instances), so `exec 3>/services/chat/chat-1` works for a new service;
  * only names with live instances are listed.
  *
  * Locking: file->lock held by the caller for the cfs_file functions; g.lock
- * around cache access only.
+ * around cache access only; reg_lock for the list of registrations.
+ *
+ * Ownership: a registration (struct reg) is in the regs list from its first
+ * valid document until its file is released, which unlinks and frees it.
+ * libcoord's lease-lost callback gets the registration's number, not a
+ * pointer, and finds it in the list (or not, once released).
  */
 #include "coordfs.h"
 
@@ -28,6 +36,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define SERVICES_PREFIX "/services/"
 #define SVC_PREFIX_LEN (sizeof(SERVICES_PREFIX) - 1)
@@ -174,47 +183,157 @@ static int check_doc(json_t *doc, const char *name, const char *id) {
   return 0;
 }
 
-static int do_register(struct cfs_file *f, const char *value, size_t len) {
-  int rc = 0;
-  if (!f->lease) {
-    int64_t lease = 0;
-    rc = coord_lease_grant(g.c, g.o.service_ttl_ms, &lease);
-    if (!rc) {
-      rc = coord_lease_keepalive(g.c, lease, NULL, NULL);
-      if (rc)
-        coord_lease_revoke(g.c, lease);
-      else
-        f->lease = lease;
-    }
-  }
-  char *k = malloc(SVC_PREFIX_LEN + strlen(f->key) + 1);
-  if (!rc && !k)
-    rc = COORD_ENOMEM;
-  if (!rc) {
-    sprintf(k, SERVICES_PREFIX "%s", f->key);
-    coord_put_opts_t po = {.lease = f->lease, .timeout_ms = g.o.timeout_ms};
-    coord_kv_result_t *r = NULL;
-    pthread_mutex_lock(&g.lock);
-    cache_pending(&g.services, f->key, 1);
-    pthread_mutex_unlock(&g.lock);
-    rc = coord_kv_put(g.c, k, value, len, &po, &r);
-    if (!rc) {
-      pthread_mutex_lock(&g.lock);
-      cache_apply(&g.services, f->key, strlen(f->key), 1, value, len, r->revision, -1, -1, f->lease);
-      pthread_mutex_unlock(&g.lock);
-      f->registered = 1;
-      CFS_COUNT(commits);
-    }
-    pthread_mutex_lock(&g.lock);
-    cache_pending(&g.services, f->key, -1);
-    pthread_mutex_unlock(&g.lock);
-    coord_kv_result_free(r);
-  }
+struct reg {
+  uint64_t id;
+  char *key; /* "name/id" */
+  char *value;
+  size_t len;
+  int64_t lease;
+  struct reg *next;
+};
+static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct reg *regs;
+static uint64_t next_reg_id = 1;
+
+static struct reg *reg_find(uint64_t id) {
+  for (struct reg *r = regs; r; r = r->next)
+    if (r->id == id)
+      return r;
+  return NULL;
+}
+
+static void on_lease_lost(int64_t lease, void *arg);
+
+/* Grants a lease kept alive for registration id.  0 or COORD_E*. */
+static int grant(uint64_t id, int64_t *lease) {
+  int rc = coord_lease_grant(g.c, g.o.service_ttl_ms, lease);
+  if (rc)
+    return rc;
+  rc = coord_lease_keepalive(g.c, *lease, on_lease_lost, (void *)(uintptr_t)id);
+  if (rc)
+    coord_lease_revoke(g.c, *lease);
+  return rc;
+}
+
+static int put_instance(const char *key, const char *value, size_t len, int64_t lease) {
+  char *k = malloc(SVC_PREFIX_LEN + strlen(key) + 1);
+  if (!k)
+    return COORD_ENOMEM;
+  sprintf(k, SERVICES_PREFIX "%s", key);
+  coord_put_opts_t po = {.lease = lease, .timeout_ms = g.o.timeout_ms};
+  coord_kv_result_t *r = NULL;
+  pthread_mutex_lock(&g.lock);
+  cache_pending(&g.services, key, 1);
+  pthread_mutex_unlock(&g.lock);
+  int rc = coord_kv_put(g.c, k, value, len, &po, &r);
+  pthread_mutex_lock(&g.lock);
+  if (!rc)
+    cache_apply(&g.services, key, strlen(key), 1, value, len, r->revision, -1, -1, lease);
+  cache_pending(&g.services, key, -1);
+  pthread_mutex_unlock(&g.lock);
+  coord_kv_result_free(r);
   free(k);
+  return rc;
+}
+
+/* Re-registration after a lost lease, on a thread of its own (the lost
+ * callback runs on libcoord's event thread, which must not block). */
+static void *reregister(void *arg) {
+  uint64_t id = (uint64_t)(uintptr_t)arg;
+  for (int attempt = 0; attempt < 100; attempt++) {
+    pthread_mutex_lock(&reg_lock);
+    struct reg *r = reg_find(id);
+    char *key = r ? strdup(r->key) : NULL, *value = r ? malloc(r->len + 1) : NULL;
+    size_t len = r ? r->len : 0;
+    if (value)
+      memcpy(value, r->value, len);
+    pthread_mutex_unlock(&reg_lock);
+    if (!key || !value) {
+      free(key);
+      free(value);
+      return NULL; /* released meanwhile */
+    }
+    int64_t lease = 0;
+    int rc = grant(id, &lease);
+    if (!rc && (rc = put_instance(key, value, len, lease)))
+      coord_lease_revoke(g.c, lease);
+    free(key);
+    free(value);
+    if (!rc) {
+      pthread_mutex_lock(&reg_lock);
+      r = reg_find(id);
+      if (r)
+        r->lease = lease;
+      pthread_mutex_unlock(&reg_lock);
+      if (!r) /* released while we registered: undo */
+        coord_lease_revoke(g.c, lease);
+      return NULL;
+    }
+    CFS_COUNT(errors);
+    sleep(1);
+  }
+  return NULL;
+}
+
+static void on_lease_lost(int64_t lease, void *arg) {
+  uint64_t id = (uint64_t)(uintptr_t)arg;
+  pthread_mutex_lock(&reg_lock);
+  struct reg *r = reg_find(id);
+  int again = r && r->lease == lease;
+  pthread_mutex_unlock(&reg_lock);
+  pthread_t t;
+  if (again && !pthread_create(&t, NULL, reregister, arg))
+    pthread_detach(t);
+}
+
+/* Registers (or replaces) f's instance with value.  0 or -errno. */
+static int do_register(struct cfs_file *f, const char *value, size_t len) {
+  char *v = malloc(len + 1);
+  if (!v)
+    return -ENOMEM;
+  memcpy(v, value, len);
+  v[len] = 0;
+  int rc = 0;
+  pthread_mutex_lock(&reg_lock);
+  struct reg *r = f->reg_id ? reg_find(f->reg_id) : NULL;
+  if (!r) {
+    r = calloc(1, sizeof(*r));
+    if (!r || !(r->key = strdup(f->key))) {
+      free(r);
+      r = NULL;
+      rc = COORD_ENOMEM;
+    } else {
+      r->id = next_reg_id++;
+      r->next = regs;
+      regs = r;
+      f->reg_id = r->id;
+    }
+  }
+  int64_t lease = r ? r->lease : 0;
+  pthread_mutex_unlock(&reg_lock);
+  if (!rc && !lease) {
+    rc = grant(f->reg_id, &lease);
+    if (!rc) {
+      pthread_mutex_lock(&reg_lock);
+      reg_find(f->reg_id)->lease = lease;
+      pthread_mutex_unlock(&reg_lock);
+    }
+  }
+  if (!rc)
+    rc = put_instance(f->key, v, len, lease);
   if (rc) {
+    free(v);
     CFS_COUNT(errors);
     return -cfs_errno(rc);
   }
+  pthread_mutex_lock(&reg_lock);
+  r = reg_find(f->reg_id);
+  free(r->value);
+  r->value = v;
+  r->len = len;
+  pthread_mutex_unlock(&reg_lock);
+  f->registered = 1;
+  CFS_COUNT(commits);
   return 0;
 }
 
@@ -272,12 +391,27 @@ int services_flush(struct cfs_file *f) {
 }
 
 void services_release(struct cfs_file *f) {
-  if (f->lease) {
-    /* the key is attached to the lease: revoking deletes it at once */
-    coord_lease_revoke(g.c, f->lease);
-    f->lease = 0;
-    f->registered = 0;
-  }
+  if (!f->reg_id)
+    return;
+  pthread_mutex_lock(&reg_lock);
+  struct reg *r = NULL, **rp;
+  for (rp = &regs; *rp; rp = &(*rp)->next)
+    if ((*rp)->id == f->reg_id) {
+      r = *rp;
+      *rp = r->next;
+      break;
+    }
+  pthread_mutex_unlock(&reg_lock);
+  f->reg_id = 0;
+  f->registered = 0;
+  if (!r)
+    return;
+  /* the key is attached to the lease: revoking deletes it at once */
+  if (r->lease)
+    coord_lease_revoke(g.c, r->lease);
+  free(r->key);
+  free(r->value);
+  free(r);
 }
 
 int services_unlink(const char *rel) {

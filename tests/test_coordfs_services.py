@@ -178,3 +178,21 @@ def test_lease_expires_after_service_ttl_when_coordfs_dies(etcd, coordfs_mount):
     finally:
         child.kill()
         child.wait()
+
+
+def test_registered_again_after_lease_loss(etcd, coordfs_mount):
+    m = coordfs_mount(etcd, "--service-ttl", "3")
+    fd = os.open(S(m, "chat", "again"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, b'{"address":"10.0.0.7","port":7}')
+        lease = etcd.etcdctl_json("get", "/services/chat/again")["kvs"][0]["lease"]
+        etcd.etcdctl("lease", "revoke", "%x" % lease)  # as if it had expired
+        assert etcd.get("/services/chat/again") is None
+
+        def back():
+            r = etcd.etcdctl_json("get", "/services/chat/again").get("kvs")
+            return r and r[0]["lease"] != lease
+        wait_for(back, 15, what="registered again under a new lease")
+    finally:
+        os.close(fd)
+    wait_for(lambda: etcd.get("/services/chat/again") is None, 2, what="gone after close")
