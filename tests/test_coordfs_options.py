@@ -133,3 +133,18 @@ def test_wrong_password_fails(etcd, tmp_path):
             env=dict(os.environ, COORD_PASSWORD="wrong"))
     assert r.returncode != 0 and "etcd" in r.stderr
     assert not mounted(str(mp))
+
+
+def test_tls_options(etcd_tls, coordfs_mount):
+    m = coordfs_mount(etcd_tls)  # adds --cacert, --cert, --key
+    with open(os.path.join(m.path, "config", "t"), "w") as f:
+        f.write("tls")
+    assert etcd_tls.get("/config/t") == "tls"
+
+
+def test_tls_without_certificates_fails(etcd_tls, tmp_path):
+    mp = tmp_path / "m"
+    mp.mkdir()
+    r = run(["-f", "--endpoints", etcd_tls.endpoints, "--timeout", "2s", str(mp)])
+    assert r.returncode != 0 and "etcd" in r.stderr
+    assert not mounted(str(mp))
