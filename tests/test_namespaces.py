@@ -228,3 +228,28 @@ def test_sidecar_shares_the_mount_by_propagation_and_bind(etcd, tmp_path):
             node.enter("umount", "-l", coord, check=False, pid=False)
         node.stop(signal.SIGKILL)
     assert not harness.mounted(coord)
+
+
+def test_entrypoint_recipe_in_a_fresh_container(etcd, tmp_path):
+    """packaging/docker/coord-entrypoint as PID 1 of a new mount + PID
+    namespace: mounts coordfs, runs the app through coord-env; when the app
+    ends, the namespace ends and takes coordfs and the mount along."""
+    coordfs = _need()
+    etcd.put("/config/app/greeting", "hello from etcd")
+    etcd.put("/config/app/db/host", "db1")
+    coord = str(tmp_path / "coord")
+    entry = os.path.join(harness.REPO, "packaging/docker/coord-entrypoint")
+    env = harness.prog_env(dict(os.environ, COORD_MOUNT=coord, COORD_ENDPOINTS=etcd.endpoints, COORD_APP="app",
+                                COORDFS_OPTS="--lock-ttl=5s",
+                                PATH="%s:%s:%s" % (os.path.dirname(coordfs), os.path.join(harness.REPO, "examples"),
+                                                   os.environ.get("PATH", "/usr/bin:/bin"))))
+    r = subprocess.run(["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "--propagation",
+                        "private", "sh", entry, "sh", "-c",
+                        'echo "pid=$$ $GREETING $DB_HOST"; flock -n %s/locks/entry -c "echo locked"' % coord],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                       stdin=subprocess.DEVNULL, timeout=60)
+    assert r.returncode == 0, r.stdout
+    assert "pid=1 hello from etcd db1" in r.stdout, r.stdout  # the app is the container's init
+    assert "locked" in r.stdout, r.stdout
+    assert not harness.mounted(coord)
+    wait_for(lambda: not etcd.get_prefix("/locks/entry/"), 10, interval=0.1, what="lock gone with the container")
