@@ -866,6 +866,15 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
   fuse_reply_err(req, 0);
 }
 
+/* Only the notifier's J_MODIFY uses it (to raise IN_MODIFY); for anyone
+ * else a key has no blocks to allocate.  Never ENOSYS: the kernel would
+ * stop sending it for good. */
+static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                         struct fuse_file_info *fi) {
+  (void)ino, (void)mode, (void)offset, (void)length, (void)fi;
+  fuse_reply_err(req, cfs_is_self(req) ? 0 : EOPNOTSUPP);
+}
+
 static void op_poll(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, struct fuse_pollhandle *ph) {
   (void)ino;
   struct cfs_file *f = FH(fi);
@@ -1163,6 +1172,7 @@ const struct fuse_lowlevel_ops cfs_ops = {
     .fsync = op_fsync,
     .release = op_release,
     .poll = op_poll,
+    .fallocate = op_fallocate,
     .flock = op_flock,
     .getlk = op_getlk,
     .setlk = op_setlk,

@@ -7,7 +7,7 @@
  * (the name itself or its directory), it queues a job here and this thread
  * performs the matching operation on the mount itself:
  *
- *   J_MODIFY  open(O_WRONLY) + ftruncate(current size) + close
+ *   J_MODIFY  open(O_WRONLY) + fallocate(KEEP_SIZE) + close
  *             -> IN_OPEN, IN_MODIFY, IN_CLOSE_WRITE
  *   J_CREATE  open(O_CREAT|O_EXCL) + close -> IN_CREATE, IN_CLOSE_WRITE
  *   J_MKDIR   mkdir                         -> IN_CREATE|IN_ISDIR
@@ -34,6 +34,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -104,7 +105,10 @@ static void perform(struct job *j) {
     case J_MODIFY:
       fd = open(full, O_WRONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC);
       if (fd >= 0) {
-        if (!fstat(fd, &st) && ftruncate(fd, st.st_size)) {
+        /* fallocate with KEEP_SIZE raises IN_MODIFY without touching the
+         * kernel's idea of the size (which a writer of this mount may be
+         * using for O_APPEND); ftruncate to the same size if not possible */
+        if (fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 1) && !fstat(fd, &st) && ftruncate(fd, st.st_size)) {
           /* the event is lost for this file; the value is still right */
         }
         close(fd);
