@@ -34,6 +34,21 @@
  *   events lock   (events.c, private) the /events/ streams and their queues.
  *   notifier lock (notifier.c, private) the job queue and the current job.
  *
+ * Behaviour chosen where DESIGN.md leaves a choice:
+ *   - a non-truncating write that lost the race (someone wrote the key after
+ *     it was opened) fails its close with EBUSY; transport failures are EIO;
+ *   - flush commits only after a write or ftruncate on that file; release
+ *     commits whatever is left (a bare `: > file` or `touch newfile`);
+ *   - an open (and a failed lookup) in /config first asks etcd for the key's
+ *     revision (keys only) and waits, at most 1 s, until the watch has
+ *     brought the cache that far, so etcdctl's changes are read back at
+ *     once; with etcd unreachable the cache answers after 0.5 s;
+ *   - every name below /services looks up as a directory, so that
+ *     `exec 3>/services/new/id` registers without a mkdir;
+ *   - on a read-only mount the notifier only invalidates (no self-ops);
+ *   - flock/POSIX locks outside /locks stay with the kernel unless locks.c
+ *     asks for FUSE_CAP_FLOCK_LOCKS/POSIX_LOCKS, then they are accepted.
+ *
  * Ownership: a cfs_file belongs to the open file description (fi->fh) from
  * open/create until release, which frees it.  Cache nodes belong to their
  * cache.  Inodes belong to the inode table and live while the kernel holds
