@@ -478,13 +478,23 @@ static void handle(int k, coord_event_t *ev) {
   publish_event(k, ev, rel, rel_len);
 }
 
+/* A watch that failed (or was refused: a user without read permission on
+ * that prefix) is opened again after WATCH_RETRY_MS, from its last event. */
+#define WATCH_RETRY_MS 500
+
 static void *watch_main(void *arg) {
   (void)arg;
+  int64_t retry_at[S_NKINDS] = {0};
   while (!stopping) {
     struct pollfd pfd[S_NKINDS + 1];
     int idx[S_NKINDS + 1], n = 0, broken = 0;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    int64_t now_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
     for (int k = 0; k < S_NKINDS; k++) {
-      if (!watches[k] && open_watch(k, last_rev[k] + 1)) {
+      if (!watches[k] && (now_ms < retry_at[k] || open_watch(k, last_rev[k] + 1))) {
+        if (now_ms >= retry_at[k])
+          retry_at[k] = now_ms + WATCH_RETRY_MS;
         broken = 1;
         continue;
       }
@@ -495,7 +505,7 @@ static void *watch_main(void *arg) {
     pfd[n].fd = wake_fd;
     pfd[n].events = POLLIN;
     idx[n++] = -1;
-    if (poll(pfd, (nfds_t)n, broken ? 500 : -1) < 0 && errno != EINTR)
+    if (poll(pfd, (nfds_t)n, broken ? WATCH_RETRY_MS : -1) < 0 && errno != EINTR)
       break;
     for (int i = 0; i < n; i++) {
       int k = idx[i];
@@ -506,10 +516,11 @@ static void *watch_main(void *arg) {
         int rc = coord_watch_next(watches[k], 0, &ev);
         if (rc == COORD_ETIMEDOUT)
           break;
-        if (rc) { /* the watch ended: open it again after the last event */
+        if (rc) { /* the watch ended: open it again later, after the last event */
           CFS_COUNT(errors);
           coord_watch_close(watches[k]);
           watches[k] = NULL;
+          retry_at[k] = now_ms + WATCH_RETRY_MS;
           break;
         }
         handle(k, ev);
@@ -531,7 +542,7 @@ int events_start(void) {
   pthread_mutex_unlock(&g.lock);
   for (int k = 0; k < S_NKINDS; k++) {
     int rc = open_watch(k, last_rev[k] + 1);
-    if (rc)
+    if (rc && rc != COORD_EACCES)
       return rc;
   }
   if (pthread_create(&thread, NULL, watch_main, NULL))

@@ -366,10 +366,18 @@ int main(int argc, char **argv) {
             *coord_last_error() ? ": " : "", coord_last_error());
     fail(1);
   }
-  if ((rc = config_load()) || (rc = services_load())) {
-    fprintf(stderr, "coordfs: cannot read from etcd at %s: %s%s%s\n", g.o.endpoints, coord_strerror(rc),
-            *coord_last_error() ? ": " : "", coord_last_error());
-    fail(1);
+  /* A user allowed only part of the tree still mounts: a tree it may not
+   * read shows empty (and its watch keeps being retried). */
+  for (int i = 0; i < 2; i++) {
+    rc = i == 0 ? config_load() : services_load();
+    if (rc == COORD_EACCES) {
+      fprintf(stderr, "coordfs: warning: no permission to read %s in etcd; it shows empty\n",
+              i == 0 ? "/config/" : "/services/");
+    } else if (rc) {
+      fprintf(stderr, "coordfs: cannot read from etcd at %s: %s%s%s\n", g.o.endpoints, coord_strerror(rc),
+              *coord_last_error() ? ": " : "", coord_last_error());
+      fail(1);
+    }
   }
   if ((rc = locks_init())) {
     fprintf(stderr, "coordfs: /locks: %s\n", coord_strerror(rc));

@@ -148,3 +148,20 @@ def test_tls_without_certificates_fails(etcd_tls, tmp_path):
     r = run(["-f", "--endpoints", etcd_tls.endpoints, "--timeout", "2s", str(mp)])
     assert r.returncode != 0 and "etcd" in r.stderr
     assert not mounted(str(mp))
+
+
+def test_permission_denied_is_eacces(etcd, coordfs_mount):
+    etcd.put("/config/k", "v")
+    etcd.enable_auth("rootpw")
+    etcd.add_user("reader", "pw", prefix="/config/", readonly=True)
+    m = coordfs_mount(etcd, "--user", "reader", env=dict(os.environ, COORD_PASSWORD="pw"))
+    with open(os.path.join(m.path, "config", "k")) as f:
+        assert f.read() == "v"
+    with pytest.raises(OSError) as e:
+        with open(os.path.join(m.path, "config", "k"), "w") as f:
+            f.write("mine")
+    assert e.value.errno == 13  # EACCES
+    assert etcd.get("/config/k") == "v"
+    assert os.listdir(os.path.join(m.path, "services")) == []
+    etcd.put("/config/k", "v2")
+    wait_for(lambda: open(os.path.join(m.path, "config", "k")).read() == "v2", 5, what="reader sees changes")
