@@ -329,3 +329,18 @@ def test_etcd_restart_cache_stays_coherent(etcd, fs):
     wait_for(lambda: "r2" in os.listdir(C(fs)), 10, what="new key after restart")
     sh("echo 3 > %s" % q(C(fs, "r")))
     assert etcd.get("/config/r") == "3\n"
+
+
+@pytest.mark.cluster
+def test_member_failure_mount_keeps_working(etcd_cluster, coordfs_mount):
+    m = coordfs_mount(etcd_cluster)
+    sh("echo 1 > %s" % q(C(m, "f")))
+    with open(os.path.join(m.path, "status")) as f:
+        used = json.load(f)["endpoint"]
+    etcd_cluster.kill(used)
+    sh("echo 2 > %s" % q(C(m, "f")))
+    assert etcd_cluster.get("/config/f") == "2\n"
+    etcd_cluster.put("/config/f", "3")
+    wait_for(lambda: read(C(m, "f")) == "3", 10, what="change seen after failover")
+    etcd_cluster.put("/config/g", "new")
+    wait_for(lambda: "g" in os.listdir(C(m)), 10, what="new key after failover")
