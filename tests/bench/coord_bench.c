@@ -16,8 +16,12 @@
  * wait for the inotify event on --path, a file on a coordfs mount).
  */
 #include "coord.h"
+#include "rpc.pb-c.h"
 
 #include <errno.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
 #include <fcntl.h>
 #include <libgen.h>
 #include <poll.h>
@@ -339,6 +343,95 @@ static void run_watch(void) {
   free(lat);
 }
 
+/* ---------------------------------------------------------------- gRPC floor */
+
+/* get_lin_raw: the same linearizable Range straight on gRPC's C core, from
+ * the calling thread (a pluck queue, no event thread, no retry): the floor
+ * of any client built on the C core on this machine. */
+static void run_get_raw(void) {
+  char key[512], target[512];
+  snprintf(key, sizeof key, "%s/key", prefix);
+  put(key, value, value_size); /* through libcoord, which also ran grpc_init */
+  const char *ep = endpoints;
+  if (!strncmp(ep, "http://", 7))
+    ep += 7;
+  snprintf(target, sizeof target, "%.*s", (int)strcspn(ep, ","), ep);
+  grpc_channel_credentials *cr = grpc_insecure_credentials_create();
+  grpc_channel *ch = grpc_channel_create(target, cr, NULL);
+  grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
+  Etcdserverpb__RangeRequest req = ETCDSERVERPB__RANGE_REQUEST__INIT;
+  req.key.data = (uint8_t *)key;
+  req.key.len = strlen(key);
+  size_t len = etcdserverpb__range_request__get_packed_size(&req);
+  grpc_slice reqs = grpc_slice_malloc(len);
+  etcdserverpb__range_request__pack(&req, GRPC_SLICE_START_PTR(reqs));
+  grpc_slice method = grpc_slice_from_static_string("/etcdserverpb.KV/Range");
+  int64_t *lat = calloc(n_iter + 1, sizeof *lat);
+  int64_t start = 0;
+  for (long i = -1; i < n_iter; i++) { /* i == -1: connect, not timed */
+    if (i == 0)
+      start = now_ns();
+    int64_t t0 = now_ns();
+    gpr_timespec dl = gpr_time_add(gpr_now(GPR_CLOCK_REALTIME), gpr_time_from_seconds(10, GPR_TIMESPAN));
+    grpc_call *call = grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, method, NULL, dl, NULL);
+    grpc_byte_buffer *sendbb = grpc_raw_byte_buffer_create(&reqs, 1), *recvbb = NULL;
+    grpc_metadata_array imd, tmd;
+    grpc_metadata_array_init(&imd);
+    grpc_metadata_array_init(&tmd);
+    grpc_status_code st = GRPC_STATUS_UNKNOWN;
+    grpc_slice details = grpc_empty_slice();
+    grpc_op ops[6];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    if (i < 0)
+      ops[0].flags = GRPC_INITIAL_METADATA_WAIT_FOR_READY;
+    ops[1].op = GRPC_OP_SEND_MESSAGE;
+    ops[1].data.send_message.send_message = sendbb;
+    ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+    ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[3].data.recv_initial_metadata.recv_initial_metadata = &imd;
+    ops[4].op = GRPC_OP_RECV_MESSAGE;
+    ops[4].data.recv_message.recv_message = &recvbb;
+    ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+    ops[5].data.recv_status_on_client.trailing_metadata = &tmd;
+    ops[5].data.recv_status_on_client.status = &st;
+    ops[5].data.recv_status_on_client.status_details = &details;
+    if (grpc_call_start_batch(call, ops, 6, (void *)1, NULL) != GRPC_CALL_OK)
+      fail("grpc_call_start_batch", EIO);
+    grpc_event ev = grpc_completion_queue_pluck(cq, (void *)1, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    if (ev.type != GRPC_OP_COMPLETE || st != GRPC_STATUS_OK || !recvbb)
+      fail("raw Range failed", EIO);
+    grpc_byte_buffer_reader rd;
+    grpc_byte_buffer_reader_init(&rd, recvbb);
+    grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
+    grpc_byte_buffer_reader_destroy(&rd);
+    Etcdserverpb__RangeResponse *resp =
+        etcdserverpb__range_response__unpack(NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
+    if (!resp || resp->n_kvs != 1)
+      fail("raw Range: key missing", EIO);
+    etcdserverpb__range_response__free_unpacked(resp, NULL);
+    grpc_slice_unref(all);
+    grpc_byte_buffer_destroy(recvbb);
+    grpc_byte_buffer_destroy(sendbb);
+    grpc_slice_unref(details);
+    grpc_metadata_array_destroy(&imd);
+    grpc_metadata_array_destroy(&tmd);
+    grpc_call_unref(call);
+    if (i >= 0)
+      lat[i] = now_ns() - t0;
+  }
+  emit(lat, n_iter, now_ns() - start);
+  grpc_slice_unref(reqs);
+  grpc_channel_destroy(ch);
+  grpc_channel_credentials_release(cr);
+  grpc_completion_queue_shutdown(cq);
+  while (grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
+         GRPC_QUEUE_SHUTDOWN)
+    ;
+  grpc_completion_queue_destroy(cq);
+  free(lat);
+}
+
 /* ---------------------------------------------------------------- 5: coordfs */
 
 static void run_fs_read(int reopen) {
@@ -510,6 +603,8 @@ int main(int argc, char **argv) {
     run_lock_handoff();
   else if (!strcmp(workload, "watch"))
     run_watch();
+  else if (!strcmp(workload, "get_lin_raw"))
+    run_get_raw();
   else if (!strcmp(workload, "inotify"))
     run_inotify();
   else
