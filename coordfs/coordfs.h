@@ -88,6 +88,7 @@ struct cfs_opts {
   int foreground, debug, ro, allow_other, default_permissions;
   int uid_set, gid_set;
   unsigned uid, gid;
+  unsigned umask;   /* applied to writable files (0666) and directories (0777) */
   char *mountpoint; /* absolute */
 };
 

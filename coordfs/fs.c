@@ -234,6 +234,8 @@ int cfs_errno(int e) {
 
 void cfs_fill_stat(struct stat *st, mode_t mode, off_t size, const struct timespec *mtime) {
   memset(st, 0, sizeof(*st));
+  if (mode & 0200) /* a writable name: the umask option decides */
+    mode = (mode & S_IFMT) | ((S_ISDIR(mode) ? 0777 : 0666) & ~g.o.umask);
   st->st_mode = mode;
   st->st_nlink = S_ISDIR(mode) ? 2 : 1;
   st->st_size = size;

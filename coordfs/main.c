@@ -42,6 +42,7 @@ enum { KEY_HELP, KEY_VERSION, KEY_FG, KEY_DEBUG, KEY_RO, KEY_ALLOW_OTHER, KEY_DE
 struct raw {
   char *lock_ttl, *service_ttl, *timeout;
   int uid, gid;
+  char *umask;
   int nonopts;
   char *first_nonopt;
 };
@@ -94,6 +95,7 @@ static const struct fuse_opt raw_spec[] = {
     R("timeout=%s", timeout),
     R("uid=%d", uid),
     R("gid=%d", gid),
+    R("umask=%s", umask),
     FUSE_OPT_END,
 };
 
@@ -305,6 +307,16 @@ int main(int argc, char **argv) {
   if (raw.timeout && (g.o.timeout_ms = parse_ms(raw.timeout)) <= 0) {
     fprintf(stderr, "coordfs: bad --timeout '%s'\n", raw.timeout);
     return 2;
+  }
+  g.o.umask = 022;
+  if (raw.umask) {
+    char *end;
+    unsigned long m = strtoul(raw.umask, &end, 8);
+    if (*end || m > 0777) {
+      fprintf(stderr, "coordfs: bad umask '%s'\n", raw.umask);
+      return 2;
+    }
+    g.o.umask = (unsigned)m;
   }
   g.o.uid = raw.uid >= 0 ? (unsigned)raw.uid : getuid();
   g.o.gid = raw.gid >= 0 ? (unsigned)raw.gid : getgid();

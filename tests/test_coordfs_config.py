@@ -262,11 +262,15 @@ def test_read_only_mount(etcd, coordfs_mount):
     assert etcd.get("/config/k") == "v"
 
 
-def test_uid_gid_options(etcd, coordfs_mount):
-    etcd.put("/config/k", "v")
-    m = coordfs_mount(etcd, "-o", "uid=1234,gid=4321")
-    st = os.stat(C(m, "k"))
+def test_uid_gid_umask_options(etcd, coordfs_mount):
+    etcd.put("/config/d/k", "v")
+    m = coordfs_mount(etcd, "-o", "uid=1234,gid=4321,umask=027")
+    st = os.stat(C(m, "d", "k"))
     assert (st.st_uid, st.st_gid) == (1234, 4321)
+    assert st.st_mode & 0o777 == 0o640
+    assert os.stat(C(m, "d")).st_mode & 0o777 == 0o750
+    m2 = coordfs_mount(etcd)
+    assert os.stat(C(m2, "d", "k")).st_mode & 0o777 == 0o644
 
 
 def test_write_while_etcd_down_eio_nothing_stored(etcd, coordfs_mount):
