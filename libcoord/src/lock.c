@@ -18,17 +18,20 @@
  *        then Range(prefix, max_create_revision = token - 1,
  *                   sort create descend, limit 1)
  *      (the compare makes a deleted own key visible at once).  No key below
- *      mine: held.  Else watch that predecessor key from the response
- *      revision + 1 and CHECK again when it is deleted (or the watch ends).
+ *      mine: held.  Else wait until that predecessor key is deleted at a
+ *      revision above the CHECK's, and CHECK again.
  *   coord_range_opts_t / coord_op_t have no max_create_revision and no
  *   compare range_end, so the request is built with coord__txn_build and
  *   patched here before coord__unary_async serializes it.
  *   try_acquire writes nothing when the lock is taken: its Txn compares
  *   version(every key under the prefix) == 0 (a Compare with range_end) and
  *   only then Puts; so COORD_ELOCKED leaves no key and costs no write.
- *   After the queueing Txn the handle watches its own key (from the Txn
- *   revision + 1): a DELETE means the lock (or the place in the queue) is
- *   lost.  The lease's lost callback (lease.c) means the same.
+ *   Deletes are learnt from ONE watch per (client, lock name) on the prefix
+ *   (see "name watches" below for why not one watch per waiter as in Go),
+ *   which every handle follows from its queueing Txn on: a DELETE of the
+ *   predecessor wakes a waiter; a DELETE of a handle's own key (above its
+ *   token) means the lock, or the place in the queue, is lost.  The lease's
+ *   lost callback (lease.c) means the same.
  *
  * LEASES AND TTL: the caller's ttl_ms maps to etcd seconds rounded up
  * (coord__ms_to_ttl_s: 1 ms -> 1 s, 1500 ms -> 2 s); 0 means
@@ -89,9 +92,11 @@
  *   - Handle lifetime is reference counted (h->refs): one reference for the
  *     user (dropped by coord_lock_unlock), one per call or timer in flight
  *     (h->ops counts those), one temporary reference while post_run works on
- *     the handle.  The handle is freed when refs reaches 0; watchers are
- *     always removed before that (asserted).  A watcher's callback may use
- *     its handle because the watcher is removed before the handle can go.
+ *     the handle.  The handle is freed when refs reaches 0, always detached
+ *     from its name watch before (asserted).  Name watches belong to the
+ *     pool: callbacks find their handles on pool->locks under the mutex;
+ *     a name watch is freed only by the janitor timer (event thread, so no
+ *     callback of it runs) or by close after coord__watch_remove returned.
  *   - The acquire callback runs exactly once, on the event thread, unless
  *     coord_lock_unlock was called first (then never); h->calling counts
  *     user callbacks running so that unlock from another thread waits for
@@ -160,7 +165,9 @@ struct coord_lock_pool {
   pthread_cond_t cond;
   lease_class_t *classes;
   coord_lock_t *locks; /* every live handle (doubly linked) */
-  int ops;             /* pool-level calls in flight (refill grants, revokes) */
+  int ops;             /* pool-level calls and timers in flight */
+  struct name_watch *nws;
+  int janitor; /* the sweep timer of idle name watches is armed */
   int closing;
   int barrier_done;
 };
@@ -176,7 +183,6 @@ struct coord_lock_s {
   int64_t lease;   /* 0 until assigned */
   int lease_owned; /* the handle owns h->lease (not yet handed back) */
   int64_t token;   /* create revision of key; 0 until known */
-  int64_t own_rev; /* last revision seen on our own key */
   lk_state_t state;
   int status; /* LK_FAILED: why */
   char *detail;
@@ -202,14 +208,14 @@ struct coord_lock_s {
   int calling;     /* user callbacks running now */
   int ops;         /* calls and timers in flight */
   int refs;
-  coord__watcher_t *own_w;
-  coord__watcher_t *pred_w;
+  struct name_watch *nw; /* the name's shared watch (from the queueing Txn on) */
+  char *pred_key;        /* LK_WAIT: the key just below ours ... */
+  int64_t wait_rev;      /* ... which existed at this revision */
 };
 
 /* Work collected under the mutex and done after it is released. */
 typedef struct post {
   coord_lock_t *h; /* holds a temporary reference when set */
-  coord__watcher_t *rm[2];
   int call_acq;
   int acq_status;
   int call_lost;
@@ -255,18 +261,6 @@ static void deadline_after(struct timespec *ts, int64_t ms) {
   }
 }
 
-static void post_add_rm(post_t *p, coord__watcher_t **w) {
-  if (*w == NULL)
-    return;
-  if (p->rm[0] == NULL)
-    p->rm[0] = *w;
-  else {
-    assert(p->rm[1] == NULL);
-    p->rm[1] = *w;
-  }
-  *w = NULL;
-}
-
 /* Under mu: make sure the post holds a reference on h. */
 static void post_ref(coord_lock_t *h, post_t *p) {
   if (p->h == NULL) {
@@ -276,11 +270,12 @@ static void post_ref(coord_lock_t *h, post_t *p) {
   assert(p->h == h);
 }
 
+static void nw_detach(coord_lock_t *h);
+
+/* Under mu: h stops following its name's watch (it left the queue). */
 static void detach_watchers(coord_lock_t *h, post_t *p) {
-  if (h->own_w != NULL || h->pred_w != NULL)
-    post_ref(h, p);
-  post_add_rm(p, &h->own_w);
-  post_add_rm(p, &h->pred_w);
+  COORD_UNUSED(p);
+  nw_detach(h);
 }
 
 static void list_remove(struct coord_lock_pool *pool, coord_lock_t *h) {
@@ -294,8 +289,9 @@ static void list_remove(struct coord_lock_pool *pool, coord_lock_t *h) {
 }
 
 static void lock_free(coord_lock_t *h) {
-  assert(h->own_w == NULL && h->pred_w == NULL);
+  assert(h->nw == NULL);
   assert(h->ops == 0 && h->calling == 0);
+  free(h->pred_key);
   free(h->name);
   free(h->prefix);
   free(h->key);
@@ -324,9 +320,6 @@ static void unref(coord_lock_t *h) {
 
 /* Runs what a transition collected; mu must NOT be held. */
 static void post_run(post_t *p) {
-  for (int i = 0; i < 2; i++)
-    if (p->rm[i] != NULL)
-      coord__watch_remove(p->rm[i]);
   coord_lock_t *h = p->h;
   if (h == NULL)
     return;
@@ -613,7 +606,6 @@ static void fail(coord_lock_t *h, int status, post_t *p) {
 static void held(coord_lock_t *h, post_t *p) {
   assert(is_pending(h->state));
   h->state = LK_HELD;
-  post_add_rm(p, &h->pred_w);
   deliver(h, p);
 }
 
@@ -632,74 +624,244 @@ static void lost_event(coord_lock_t *h, post_t *p) {
 
 /* ---------------------------------------------------------------- watches */
 
-static void own_watch_cb(void *arg, const coord_event_t *evs, size_t n, int status);
+/*
+ * One watch per (client, lock name) on the prefix /locks/<name>/, shared by
+ * every handle of that name from its queueing Txn on, and kept NW_IDLE_MS
+ * after the last one left (a janitor timer sweeps idle ones).  Why shared
+ * and long-lived: etcd serves a watch that starts at a past revision from
+ * its "unsynced" group, caught up only every 100 ms; a watch per waiter
+ * (Go's Mutex) starts in the past whenever anything was written while it
+ * was being set up, which under contention adds up to 100 ms to a handoff.
+ * A warm name watch delivers a DELETE about as fast as etcd commits it.
+ *
+ * A handle cares about two kinds of DELETE: of its own key with a revision
+ * above its token (that incarnation is gone: lost), and in LK_WAIT of its
+ * predecessor with a revision above wait_rev (check again).  Events are
+ * delivered in revision order, but one may arrive before the response of
+ * the CHECK that makes a handle wait for it; so the watch keeps the last
+ * NW_RING deletes, and every handle that starts to wait (or to hold) looks
+ * them up first (nw_deleted_after).  If the ring dropped a delete newer
+ * than what the handle knows, the answer is "unknown" and it checks again.
+ */
+#define NW_RING 64
+#define NW_IDLE_MS 5000
+#define NW_SWEEP_MS 250
 
-/* Under mu: watch our own key from rev (after the queueing Txn). */
-static int own_watch_start(coord_lock_t *h, int64_t rev) {
-  assert(h->own_w == NULL);
-  return coord__watch_add(h->c, h->key, 0, rev, own_watch_cb, h, &h->own_w);
+typedef struct name_watch {
+  struct coord_lock_pool *pool;
+  char *prefix;
+  coord__watcher_t *w; /* NULL once broken */
+  int64_t last_rev;    /* highest revision delivered (or start - 1) */
+  int users;           /* handles with h->nw == this */
+  int64_t idle_since;
+  int broken; /* the watch ended and could not be restarted */
+  struct {
+    char *key;
+    int64_t rev;
+  } ring[NW_RING];
+  int rpos, rcount;
+  int64_t dropped_max; /* highest revision of a delete that left the ring */
+  struct name_watch *next;
+} name_watch_t;
+
+static void nw_cb(void *arg, const coord_event_t *evs, size_t n, int status);
+
+static void nw_free(name_watch_t *nw) {
+  for (int i = 0; i < nw->rcount; i++)
+    free(nw->ring[i].key);
+  free(nw->prefix);
+  free(nw);
 }
 
-static void own_watch_cb(void *arg, const coord_event_t *evs, size_t n, int status) {
-  coord_lock_t *h = arg;
-  post_t p = {0};
-  pthread_mutex_lock(&h->pool->mu);
-  if (h->own_w == NULL) {
-    pthread_mutex_unlock(&h->pool->mu);
+/* Under mu: 1 if key was deleted after rev (as far as the ring knows), 2 if
+ * the ring cannot tell, 0 if not. */
+static int nw_deleted_after(name_watch_t *nw, const char *key, int64_t rev) {
+  if (nw == NULL || key == NULL)
+    return 2;
+  for (int i = 0; i < nw->rcount; i++)
+    if (nw->ring[i].rev > rev && strcmp(nw->ring[i].key, key) == 0)
+      return 1;
+  if (nw->broken || nw->dropped_max > rev)
+    return 2;
+  return 0;
+}
+
+static void nw_ring_add(name_watch_t *nw, const char *key, int64_t rev) {
+  char *k = coord__strdup(key);
+  if (k == NULL) {
+    if (rev > nw->dropped_max)
+      nw->dropped_max = rev;
     return;
   }
+  if (nw->rcount == NW_RING) {
+    if (nw->ring[nw->rpos].rev > nw->dropped_max)
+      nw->dropped_max = nw->ring[nw->rpos].rev;
+    free(nw->ring[nw->rpos].key);
+  } else {
+    nw->rcount++;
+  }
+  nw->ring[nw->rpos].key = k;
+  nw->ring[nw->rpos].rev = rev;
+  nw->rpos = (nw->rpos + 1) % NW_RING;
+}
+
+static void janitor_fn(coord_t *c, void *arg);
+
+/* Under mu: sweep idle name watches soon. */
+static void janitor_arm(struct coord_lock_pool *pool) {
+  if (pool->janitor || pool->closing)
+    return;
+  pool->janitor = 1;
+  pool->ops++;
+  coord__after(pool->c, NW_SWEEP_MS, janitor_fn, pool);
+}
+
+static void janitor_fn(coord_t *c, void *arg) {
+  struct coord_lock_pool *pool = arg;
+  name_watch_t *gone = NULL;
+  pthread_mutex_lock(&pool->mu);
+  pool->ops--;
+  pool->janitor = 0;
+  int64_t now = coord__now_ms();
+  int idle_left = 0;
+  for (name_watch_t **pp = &pool->nws; *pp;) {
+    name_watch_t *nw = *pp;
+    if (nw->users == 0 && (nw->broken || pool->closing || now - nw->idle_since >= NW_IDLE_MS)) {
+      *pp = nw->next;
+      nw->next = gone;
+      gone = nw;
+      continue;
+    }
+    if (nw->users == 0)
+      idle_left = 1;
+    pp = &nw->next;
+  }
+  if (idle_left)
+    janitor_arm(pool);
+  pthread_cond_broadcast(&pool->cond);
+  pthread_mutex_unlock(&pool->mu);
+  while (gone != NULL) { /* on the event thread: remove does not wait */
+    name_watch_t *nw = gone;
+    gone = nw->next;
+    if (nw->w != NULL)
+      coord__watch_remove(nw->w);
+    nw_free(nw);
+  }
+}
+
+/* Under mu: h follows the watch of its name, which covers every revision
+ * from start_rev on (a new one starts there; an existing one started
+ * earlier, at the queueing Txn of an earlier handle). */
+static int nw_attach(coord_lock_t *h, int64_t start_rev) {
+  struct coord_lock_pool *pool = h->pool;
+  assert(h->nw == NULL);
+  name_watch_t *nw = NULL;
+  for (nw = pool->nws; nw; nw = nw->next)
+    if (!nw->broken && strcmp(nw->prefix, h->prefix) == 0)
+      break;
+  if (nw == NULL) {
+    nw = coord__xmalloc(sizeof *nw);
+    if (nw == NULL || (nw->prefix = coord__strdup(h->prefix)) == NULL) {
+      free(nw);
+      return coord__err(COORD_ENOMEM, "lock %s: out of memory", h->name);
+    }
+    nw->pool = pool;
+    nw->last_rev = start_rev - 1;
+    int rc = coord__watch_add(h->c, nw->prefix, 1, start_rev, nw_cb, nw, &nw->w);
+    if (rc < 0) {
+      nw_free(nw);
+      return rc;
+    }
+    nw->next = pool->nws;
+    pool->nws = nw;
+  }
+  nw->users++;
+  h->nw = nw;
+  return 0;
+}
+
+static void nw_detach(coord_lock_t *h) {
+  name_watch_t *nw = h->nw;
+  if (nw == NULL)
+    return;
+  h->nw = NULL;
+  assert(nw->users > 0);
+  if (--nw->users == 0) {
+    nw->idle_since = coord__now_ms();
+    janitor_arm(h->pool);
+  }
+}
+
+/* Under mu: finds one handle on nw that the deletion of key at rev affects
+ * and acts on it; returns 1 if it did (p may then hold work). */
+static int nw_apply(name_watch_t *nw, const char *key, int64_t rev, post_t *p) {
+  for (coord_lock_t *h = nw->pool->locks; h; h = h->next) {
+    if (h->nw != nw)
+      continue;
+    if (!h->key_gone && h->token > 0 && rev > h->token && h->key != NULL && strcmp(key, h->key) == 0) {
+      h->key_gone = 1;
+      lost_event(h, p);
+      return 1;
+    }
+    if (h->state == LK_WAIT && rev > h->wait_rev && h->pred_key != NULL && strcmp(key, h->pred_key) == 0) {
+      start_check(h, p);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+static void nw_cb(void *arg, const coord_event_t *evs, size_t n, int status) {
+  name_watch_t *nw = arg;
+  struct coord_lock_pool *pool = nw->pool;
+  pthread_mutex_lock(&pool->mu);
   if (status < 0) {
-    /* The watch ended; watch again from where it stopped (the lease-lost
-     * callback still guards us if that fails). */
-    coord__watcher_t *old = h->own_w;
-    h->own_w = NULL;
-    h->refs++; /* keeps h while the mutex is released */
-    pthread_mutex_unlock(&h->pool->mu);
-    coord__watch_remove(old);
-    pthread_mutex_lock(&h->pool->mu);
-    if (!h->pool->closing && !coord__closing(h->c) && status != COORD_ECLOSED && h->own_w == NULL &&
-        (is_pending(h->state) || h->state == LK_HELD))
-      own_watch_start(h, h->own_rev + 1);
-    int dead = unref_locked(h);
-    pthread_mutex_unlock(&h->pool->mu);
-    if (dead)
-      lock_free(h);
+    coord__watcher_t *old = nw->w;
+    nw->w = NULL;
+    int rc = status;
+    if (!pool->closing && status != COORD_ECLOSED && !coord__closing(pool->c)) {
+      /* Start again where it stopped; the old watcher is removed below. */
+      rc = coord__watch_add(pool->c, nw->prefix, 1, nw->last_rev + 1, nw_cb, nw, &nw->w);
+    }
+    if (rc < 0) {
+      nw->broken = 1;
+      /* Nobody can tell the waiters when to check again: fail them. */
+      for (;;) {
+        post_t p = {0};
+        coord_lock_t *h = pool->locks;
+        while (h && !(h->nw == nw && is_pending(h->state) && !h->busy))
+          h = h->next;
+        if (h == NULL)
+          break;
+        fail(h, rc, &p);
+        pthread_mutex_unlock(&pool->mu);
+        post_run(&p);
+        pthread_mutex_lock(&pool->mu);
+      }
+    }
+    pthread_mutex_unlock(&pool->mu);
+    if (old != NULL)
+      coord__watch_remove(old);
     return;
   }
-  int gone = 0;
   for (size_t i = 0; i < n; i++) {
-    if (evs[i].revision > h->own_rev)
-      h->own_rev = evs[i].revision;
-    if (evs[i].type == COORD_EVENT_DELETE)
-      gone = 1;
+    if (evs[i].revision > nw->last_rev)
+      nw->last_rev = evs[i].revision;
+    if (evs[i].type != COORD_EVENT_DELETE || evs[i].kv.key == NULL)
+      continue;
+    nw_ring_add(nw, evs[i].kv.key, evs[i].revision);
+    for (;;) {
+      post_t p = {0};
+      if (!nw_apply(nw, evs[i].kv.key, evs[i].revision, &p))
+        break;
+      if (p.h != NULL) {
+        pthread_mutex_unlock(&pool->mu);
+        post_run(&p);
+        pthread_mutex_lock(&pool->mu);
+      }
+    }
   }
-  if (gone) {
-    h->key_gone = 1;
-    lost_event(h, &p);
-  }
-  pthread_mutex_unlock(&h->pool->mu);
-  post_run(&p);
-}
-
-static void pred_watch_cb(void *arg, const coord_event_t *evs, size_t n, int status) {
-  coord_lock_t *h = arg;
-  post_t p = {0};
-  pthread_mutex_lock(&h->pool->mu);
-  if (h->state != LK_WAIT || h->pred_w == NULL) {
-    pthread_mutex_unlock(&h->pool->mu);
-    return;
-  }
-  int again = status < 0;
-  for (size_t i = 0; i < n; i++)
-    if (evs[i].type == COORD_EVENT_DELETE)
-      again = 1;
-  if (again) {
-    post_ref(h, &p);
-    post_add_rm(&p, &h->pred_w);
-    start_check(h, &p);
-  }
-  pthread_mutex_unlock(&h->pool->mu);
-  post_run(&p);
+  pthread_mutex_unlock(&pool->mu);
 }
 
 /* ---------------------------------------------------------------- calls */
@@ -927,23 +1089,29 @@ static void txn_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg) 
     fail(h, coord__err(COORD_EPROTO, "lock %s: own key vanished inside a Txn", h->name), &p);
     goto out;
   }
-  h->own_rev = rev;
   int64_t lowest = r->responses[1]->n > 0 ? r->responses[1]->kvs[0].create_revision : 0;
   if (h->cancel) {
     fail(h, h->cancel_status, &p);
   } else if (h->lease_dead || h->key_gone) {
     fail(h, coord__err(COORD_ELOST, "lock %s: lease lost while queueing", h->name), &p);
   } else {
-    int rc = own_watch_start(h, rev + 1);
+    int rc = nw_attach(h, rev + 1);
+    /* our key existed at rev: only a delete above rev matters (not above
+     * the token: a ring that dropped an older delete would then answer
+     * "unknown" for ever) */
+    int gone = rc < 0 ? 0 : nw_deleted_after(h->nw, h->key, rev);
     if (rc < 0) {
       remember_detail(h);
       fail(h, rc, &p);
-    } else if (lowest == h->token) {
+    } else if (gone == 1) {
+      h->key_gone = 1;
+      fail(h, coord__err(COORD_ELOST, "lock %s: own key deleted while queueing", h->name), &p);
+    } else if (gone == 0 && lowest == h->token) {
       held(h, &p);
-    } else if (h->try_mode) {
+    } else if (gone == 0 && h->try_mode) {
       fail(h, coord__err(COORD_ELOCKED, "lock %s is held", h->name), &p);
     } else {
-      start_check(h, &p);
+      start_check(h, &p); /* also settles "unknown" */
     }
   }
 out:
@@ -956,7 +1124,7 @@ static void check_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg
 
 /* Under mu: is there a key below ours? */
 static void start_check(coord_lock_t *h, post_t *p) {
-  assert(h->token > 0 && h->pred_w == NULL);
+  assert(h->token > 0 && h->nw != NULL);
   h->state = LK_CHECK;
   coord_cmp_t cmp;
   memset(&cmp, 0, sizeof cmp);
@@ -1009,15 +1177,35 @@ static void check_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg
     fail(h, coord__err(COORD_ELOST, "lock %s: lost the place in the queue (key or lease gone)", h->name), &p);
   } else if (r->n < 1 || r->responses[0] == NULL) {
     fail(h, coord__err(COORD_EPROTO, "lock %s: unexpected Txn answer", h->name), &p);
-  } else if (r->responses[0]->n == 0) {
-    held(h, &p);
+  } else if (h->nw == NULL || h->nw->broken) {
+    fail(h, coord__err(COORD_EIO, "lock %s: the watch of the lock ended", h->name), &p);
   } else {
-    const char *pred = r->responses[0]->kvs[0].key;
-    h->state = LK_WAIT;
-    int rc = coord__watch_add(c, pred, 0, r->revision + 1, pred_watch_cb, h, &h->pred_w);
-    if (rc < 0) {
-      remember_detail(h);
-      fail(h, rc, &p);
+    /* The CHECK saw our key at r->revision; a delete of it that the watch
+     * delivered before this answer is in the ring.  "Unknown" (the ring
+     * dropped a delete above r->revision) checks again: each CHECK has a
+     * newer revision, so this ends. */
+    int own = nw_deleted_after(h->nw, h->key, r->revision);
+    if (own == 1) {
+      h->key_gone = 1;
+      fail(h, coord__err(COORD_ELOST, "lock %s: own key deleted", h->name), &p);
+    } else if (own == 2) {
+      start_check(h, &p);
+    } else if (r->responses[0]->n == 0) {
+      held(h, &p);
+    } else if (h->try_mode) {
+      fail(h, coord__err(COORD_ELOCKED, "lock %s is held", h->name), &p);
+    } else {
+      char *pred = coord__strdup(r->responses[0]->kvs[0].key);
+      if (pred == NULL) {
+        fail(h, coord__err(COORD_ENOMEM, "lock %s: out of memory", h->name), &p);
+      } else {
+        free(h->pred_key);
+        h->pred_key = pred;
+        h->wait_rev = r->revision;
+        h->state = LK_WAIT;
+        if (nw_deleted_after(h->nw, pred, h->wait_rev) != 0)
+          start_check(h, &p); /* already gone (or cannot tell) */
+      }
     }
   }
   pthread_mutex_unlock(&h->pool->mu);
@@ -1530,8 +1718,6 @@ void coord__locks_close(coord_t *c) {
   if (pool == NULL)
     return;
   /* 1. Cancel pending acquires, release held locks. */
-  size_t cap = 8, nrm = 0;
-  coord__watcher_t **rm = malloc(cap * sizeof *rm);
   pthread_mutex_lock(&pool->mu);
   pool->closing = 1;
   for (coord_lock_t *h = pool->locks; h; h = h->next) {
@@ -1550,31 +1736,11 @@ void coord__locks_close(coord_t *c) {
     } else if (h->state == LK_LOST) {
       dispose(h, 0, 0);
     }
-    /* Watchers are removed below, outside the mutex; the references taken
-     * by the post are dropped when the handles are freed. */
-    for (int i = 0; i < 2; i++) {
-      if (p.rm[i] == NULL)
-        continue;
-      if (nrm == cap) {
-        coord__watcher_t **n2 = rm ? realloc(rm, 2 * cap * sizeof *rm) : NULL;
-        if (n2 != NULL) {
-          rm = n2;
-          cap *= 2;
-        }
-      }
-      if (rm != NULL && nrm < cap)
-        rm[nrm++] = p.rm[i];
-      else
-        coord__watch_remove(p.rm[i]); /* out of memory: do it here (no callback of ours takes long) */
-    }
     if (p.h != NULL)
       h->refs--;                         /* the handle stays on the list; freed below */
     assert(!p.call_acq && !p.call_lost); /* not on the event thread */
   }
   pthread_mutex_unlock(&pool->mu);
-  for (size_t i = 0; i < nrm; i++)
-    coord__watch_remove(rm[i]);
-  free(rm);
 
   /* 2. Wait for every call and callback in flight. */
   struct timespec dl;
@@ -1586,7 +1752,22 @@ void coord__locks_close(coord_t *c) {
     while (k->nfree > 0)
       pool_revoke(pool, k->free_ids[--k->nfree]);
   quiet = wait_until(pool, all_quiet, &dl) && quiet;
+  if (!quiet) {
+    pthread_mutex_unlock(&pool->mu);
+    return; /* something never called back: leak rather than risk a use after free */
+  }
+  /* 3b. Remove the name watches (outside the mutex: removal waits for a
+   * callback in progress, which takes the mutex). */
+  name_watch_t *nws = pool->nws;
+  pool->nws = NULL;
   pthread_mutex_unlock(&pool->mu);
+  while (nws != NULL) {
+    name_watch_t *nw = nws;
+    nws = nw->next;
+    if (nw->w != NULL)
+      coord__watch_remove(nw->w);
+    nw_free(nw);
+  }
 
   /* 4. Barrier: a lease-lost callback that was already running is over. */
   pthread_mutex_lock(&pool->mu);
@@ -1606,7 +1787,7 @@ void coord__locks_close(coord_t *c) {
   while (pool->locks != NULL) {
     coord_lock_t *h = pool->locks;
     list_remove(pool, h);
-    h->own_w = h->pred_w = NULL; /* removed in step 1 */
+    h->nw = NULL; /* freed in step 3b */
     lock_free(h);
   }
   while (pool->classes != NULL) {
