@@ -21,6 +21,9 @@
  *   lock_tool writes NAME         store revisions advanced by an uncontended
  *                                 acquire and by its release (after one
  *                                 warm-up cycle): "WRITES <acq> <rel>"
+ *   lock_tool latency NAME ITERS
+ *       ITERS acquire/release cycles; prints "LAT <p50> <p90> <max>", the
+ *       acquire times in microseconds (run two at once for handoffs).
  *   lock_tool stress NAME THREADS ITERS
  *       THREADS threads on two clients mix blocking acquires (with and
  *       without timeouts), try_acquire, async acquires that are cancelled,
@@ -226,6 +229,34 @@ static int cmd_writes(coord_t *c, const char *name) {
   return 0;
 }
 
+static int cmp_ll(const void *a, const void *b) {
+  long long x = *(const long long *)a, y = *(const long long *)b;
+  return x < y ? -1 : x > y;
+}
+
+static int cmd_latency(coord_t *c, const char *name, int iters) {
+  long long *lat = calloc((size_t)iters, sizeof *lat);
+  if (!lat || iters <= 0)
+    return 2;
+  for (int i = 0; i < iters; i++) {
+    struct timespec a, b;
+    coord_lock_t *l = NULL;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    int rc = coord_lock_acquire(c, name, 0, -1, &l);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    if (rc)
+      die("acquire", rc);
+    lat[i] = (b.tv_sec - a.tv_sec) * 1000000LL + (b.tv_nsec - a.tv_nsec) / 1000;
+    if ((rc = coord_lock_unlock(l)))
+      die("unlock", rc);
+  }
+  qsort(lat, (size_t)iters, sizeof *lat, cmp_ll);
+  printf("LAT %lld %lld %lld\n", lat[iters / 2], lat[iters * 9 / 10], lat[iters - 1]);
+  fflush(stdout);
+  free(lat);
+  return 0;
+}
+
 /* ---------------------------------------------------------------- stress */
 
 static coord_t *stress_c[2];
@@ -385,6 +416,8 @@ int main(int argc, char **argv) {
     ret = cmd_cancel(c, name, atoi(argv[3]));
   else if (strcmp(cmd, "writes") == 0)
     ret = cmd_writes(c, name);
+  else if (strcmp(cmd, "latency") == 0 && argc == 4)
+    ret = cmd_latency(c, name, atoi(argv[3]));
   else if (strcmp(cmd, "stress") == 0 && argc == 5)
     ret = cmd_stress(c, name, atoi(argv[3]), atoi(argv[4]));
   else
