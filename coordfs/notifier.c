@@ -7,8 +7,8 @@
  * (the name itself or its directory), it queues a job here and this thread
  * performs the matching operation on the mount itself:
  *
- *   J_MODIFY  open(O_WRONLY) + fallocate(KEEP_SIZE) + close
- *             -> IN_OPEN, IN_MODIFY, IN_CLOSE_WRITE
+ *   J_MODIFY  open(O_WRONLY) + fallocate(KEEP_SIZE) + futimens + close
+ *             -> IN_OPEN, IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE
  *   J_CREATE  open(O_CREAT|O_EXCL) + close -> IN_CREATE, IN_CLOSE_WRITE
  *   J_MKDIR   mkdir                         -> IN_CREATE|IN_ISDIR
  *   J_UNLINK  unlink                        -> IN_DELETE
@@ -111,6 +111,7 @@ static void perform(struct job *j) {
         if (fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 1) && !fstat(fd, &st) && ftruncate(fd, st.st_size)) {
           /* the event is lost for this file; the value is still right */
         }
+        (void)futimens(fd, NULL); /* IN_ATTRIB: the mtime is new */
         close(fd);
       }
       break;

@@ -348,3 +348,18 @@ def test_member_failure_mount_keeps_working(etcd_cluster, coordfs_mount):
     wait_for(lambda: read(C(m, "f")) == "3", 10, what="change seen after failover")
     etcd_cluster.put("/config/g", "new")
     wait_for(lambda: "g" in os.listdir(C(m)), 10, what="new key after failover")
+
+
+def test_mv_directory_is_one_txn(etcd, fs):
+    for k in ("a", "b/c", "b/d"):
+        etcd.put("/config/src/" + k, k)
+    etcd.put("/config/srcx", "not below src")
+    wait_for(lambda: os.path.exists(C(fs, "src", "b", "d")), 5, what="src")
+    rev = etcd.revision()
+    sh("mv %s %s" % (q(C(fs, "src")), q(C(fs, "dst"))))
+    assert etcd.get_prefix("/config/") == {"/config/dst/a": "a", "/config/dst/b/c": "b/c",
+                                           "/config/dst/b/d": "b/d", "/config/srcx": "not below src"}
+    assert etcd.revision() == rev + 1
+    assert sorted(os.listdir(C(fs, "dst", "b"))) == ["c", "d"]
+    assert not os.path.exists(C(fs, "src"))
+    assert read(C(fs, "dst", "b", "c")) == "b/c"
