@@ -309,6 +309,8 @@ def test_mount_like_a_system(destdir, tmp_path, etcd, way):
 
 @pytest.fixture(scope="module")
 def debs(tmp_path_factory):
+    if SANITIZE:
+        pytest.skip("the package is built without sanitizers: checked by the plain `make test`")
     for tool in ("dpkg-buildpackage", "dh"):
         if not shutil.which(tool):
             pytest.skip("%s not installed (scripts/install-deps installs it)" % tool)
