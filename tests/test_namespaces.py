@@ -253,3 +253,33 @@ def test_entrypoint_recipe_in_a_fresh_container(etcd, tmp_path):
     assert "locked" in r.stdout, r.stdout
     assert not harness.mounted(coord)
     wait_for(lambda: not etcd.get_prefix("/locks/entry/"), 10, interval=0.1, what="lock gone with the container")
+
+
+def test_kubernetes_manifests_match_the_recipes():
+    """The manifests in packaging/k8s parse, and say what the tested
+    namespaces do: sidecar Bidirectional, application HostToContainer, the
+    same volume, commands that exist."""
+    yaml = pytest.importorskip("yaml")
+    k8s = os.path.join(harness.REPO, "packaging/k8s")
+    docs = list(yaml.safe_load_all(open(os.path.join(k8s, "coordfs-sidecar.yaml"))))
+    pod = [d for d in docs if d["kind"] == "Deployment"][0]["spec"]["template"]["spec"]
+    side = pod["initContainers"][0]
+    app = pod["containers"][0]
+    assert side["restartPolicy"] == "Always" and side["securityContext"]["privileged"] is True
+    (sm,) = side["volumeMounts"]
+    (am,) = app["volumeMounts"]
+    assert sm["name"] == am["name"] == pod["volumes"][0]["name"]
+    assert sm["mountPropagation"] == "Bidirectional" and am["mountPropagation"] == "HostToContainer"
+    mountpoint = side["args"][0]
+    assert mountpoint.startswith(sm["mountPath"] + "/")  # inside the volume, not on its root
+    app_coord = am["mountPath"] + mountpoint[len(sm["mountPath"]):]
+    cmd = app["command"]
+    assert cmd[0] == "coord-env" and cmd[cmd.index("-m") + 1] == app_coord
+    assert "coord-register" in cmd
+    for script in ("coord-env", "coord-register"):
+        assert os.access(os.path.join(harness.REPO, "examples", script), os.X_OK)
+    (inapp,) = yaml.safe_load_all(open(os.path.join(k8s, "coordfs-in-app.yaml")))
+    c = inapp["spec"]["containers"][0]
+    assert c["command"] == ["coord-entrypoint"]
+    assert "SYS_ADMIN" in c["securityContext"]["capabilities"]["add"]
+    assert os.access(os.path.join(harness.REPO, "packaging/docker/coord-entrypoint"), os.X_OK)
