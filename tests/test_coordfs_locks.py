@@ -316,6 +316,31 @@ def test_interrupted_open_leaves_no_key(etcd, coordfs_mount):
     wait_keys(etcd, 0)
 
 
+@pytest.mark.timeout(180)
+def test_many_waiters_give_up_around_the_release(etcd, coordfs_mount, tmp_path):
+    """30 `flock -w` waiters whose timeouts fall around the moment the holder
+    lets go (interrupt and grant race): each either ran its command or gave
+    up, the lock was never held twice, and no key is left."""
+    m = coordfs_mount(etcd)
+    path = m.join("locks", "race")
+    log = str(tmp_path / "log")
+    h = hold(path)
+    expect_held(h)
+    ws = []
+    for i in range(30):
+        w = "%.2f" % (0.8 + 0.02 * i)  # 0.8 .. 1.38 s
+        cmd = "echo in >> %s; sleep 0.01; echo out >> %s" % (log, log)
+        ws.append(popen(["flock", "-w", w, path, "-c", cmd]))
+    time.sleep(1.0)
+    end_process(h, signal.SIGKILL)  # lets go while the timeouts fire
+    rcs = [w.wait(60 * SLOW) for w in ws]
+    assert set(rcs) <= {0, 1}, rcs
+    lines = open(log).read().split() if os.path.exists(log) else []
+    assert lines == ["in", "out"] * rcs.count(0)  # never two holders at once
+    wait_keys(etcd, 0, timeout=5)
+    assert run(["flock", "-n", path, "true"]).returncode == 0
+
+
 # ------------------------------------------------------------------ killed processes
 
 
