@@ -617,3 +617,28 @@ def test_read_note_list_and_names(etcd, coordfs_mount):
     finally:
         os.close(fd)
     assert keys(etcd) == []
+
+
+def test_namespace_prefix(etcd, coordfs_mount):
+    """--prefix puts the lock under <prefix>/locks/<name>/, where
+    `etcdctl lock <prefix>/locks/<name>` meets it; other namespaces are apart."""
+    m = coordfs_mount(etcd, "--prefix", "/ns1")
+    other = coordfs_mount(etcd)
+    fd = os.open(m.join("locks", "x"), os.O_WRONLY)
+    try:
+        (key,) = keys(etcd, "/")
+        assert key.startswith("/ns1/locks/x/")
+        assert os.listdir(m.join("locks")) == ["x"]
+        assert os.listdir(other.join("locks")) == []
+        assert json.loads(open(m.join("locks", "x")).read())["holder"] == key[len("/ns1"):]
+        assert run(["flock", "-n", other.join("locks", "x"), "true"]).returncode == 0  # another lock
+        p, q = etcdctl_lock(etcd, "/ns1/locks/x")
+        try:
+            wait_keys(etcd, 2, prefix="/ns1/locks/x/")
+            with pytest.raises(queue.Empty):
+                q.get(timeout=0.5)
+        finally:
+            end_process(p, signal.SIGTERM)
+    finally:
+        os.close(fd)
+    wait_keys(etcd, 0, prefix="/")
