@@ -22,6 +22,7 @@
 
 import glob
 import os
+import signal
 import shutil
 import subprocess
 import textwrap
@@ -454,3 +455,77 @@ def test_daemon_logs_to_syslog(tmp_path, etcd):
     assert any(m.startswith("<29>") and "coordfs[" in m and "mounted %s" % mnt in m for m in msgs), text[:3000]
     assert any(m.startswith("<31>") and "etcd Range" in m for m in msgs), text[:3000]
     assert any("unmounting %s" % mnt in m for m in msgs), text[-3000:]
+
+
+# ------------------------------------------------------------------ systemd units (no systemd here)
+
+def _unit(path):
+    import configparser
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str
+    cp.read(path)
+    return cp
+
+
+def test_systemd_units_do_what_systemd_would(destdir, tmp_path, etcd):
+    """systemd does not run here: do what it would do with the installed
+    units.  coordfs@X.service: Type=forking, so ExecStart must return once
+    mounted, with $COORDFS_OPTS split into words; coord.mount: mount -t Type
+    What Where -o Options (run in a private mount namespace, as for fstab)."""
+    etcd.put("/config/unit/key", "from-unit")
+    svc = _unit(os.path.join(destdir, "usr/lib/systemd/system/coordfs@.service"))
+    assert svc["Service"]["Type"] == "forking"
+    mnt = str(tmp_path / "srv" / "coord")
+    env = harness.prog_env(dict(os.environ, COORD_ENDPOINTS=etcd.endpoints, COORDFS_OPTS="--lock-ttl=5s -o ro"))
+    # /%I is the unescaped instance: coordfs@srv-coord.service -> /srv/coord
+    pre = svc["Service"]["ExecStartPre"].replace("/%I", mnt)
+    start = svc["Service"]["ExecStart"].replace("/%I", mnt)
+    assert start == "/usr/sbin/coordfs $COORDFS_OPTS " + mnt, start
+    start = start.replace("/usr/sbin/coordfs", os.path.join(destdir, "usr/sbin/coordfs"), 1)
+    run = lambda cmd: subprocess.run(["sh", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env, stdin=subprocess.DEVNULL, timeout=60)
+    r = run(pre)
+    assert r.returncode == 0, r.stdout
+    try:
+        r = run(start)  # returns when mounted (forking)
+        assert r.returncode == 0, r.stdout
+        assert harness.mounted(mnt)
+        with open(os.path.join(mnt, "config/unit/key")) as f:
+            assert f.read() == "from-unit"
+        with pytest.raises(OSError):  # -o ro from COORDFS_OPTS
+            with open(os.path.join(mnt, "config/unit/key"), "w") as f:
+                f.write("x")
+    finally:
+        pids = _daemon_pids(mnt)
+        if harness.mounted(mnt):
+            pid = pids[0] if pids else None
+            if pid:
+                os.kill(pid, signal.SIGTERM)  # systemctl stop: SIGTERM to the main PID
+            wait = time.monotonic() + 15
+            while harness.mounted(mnt) and time.monotonic() < wait:
+                time.sleep(0.05)
+            if harness.mounted(mnt):
+                harness.fusermount_u(mnt, lazy=True)
+        alive = _wait_gone(pids)
+    assert not harness.mounted(mnt), "SIGTERM did not unmount"
+    assert not alive
+
+    m = _unit(os.path.join(destdir, "usr/share/doc/coord/examples/coord.mount"))["Mount"]
+    assert m["Where"] == "/coord" and m["Type"] == "fuse.coordfs"
+    mnt2 = str(tmp_path / "mnt2")
+    os.makedirs(mnt2)
+    script = """
+        set -e
+        mount --bind {sbin} /usr/local/sbin
+        mount -t {type} {what} {where} -o {opts}
+        trap 'umount {where} || umount -l {where}' EXIT
+        cat {where}/config/unit/key; echo
+    """.format(sbin=os.path.join(destdir, "usr/sbin"), type=m["Type"], what=etcd.endpoints, where=mnt2,
+               opts=m["Options"])
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                       stdin=subprocess.DEVNULL, timeout=60)
+    alive = _wait_gone(_daemon_pids(mnt2))
+    assert r.returncode == 0, r.stdout
+    assert r.stdout.split() == ["from-unit"], r.stdout
+    assert not alive
