@@ -197,11 +197,15 @@ struct cfs_file {
   /* directory listing: packed dirent buffer built at opendir */
   char *dirbuf;
   size_t dirlen;
-  void *priv; /* locks.c */
+  void *priv;                   /* locks.c */
+  struct cfs_file *prev, *next; /* every open file (fs.c), for shut-down */
 };
 
 struct cfs_file *cfs_file_new(enum cfs_kind kind, const char *path);
 void cfs_file_free(struct cfs_file *f);
+/* At shut-down, after the FUSE loop ended: ends and frees every file whose
+ * release never came (the kernel drops pending releases at unmount). */
+void cfs_files_shutdown(void);
 
 /* ---------------------------------------------------------------- global */
 

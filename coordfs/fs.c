@@ -318,6 +318,11 @@ static int reply_entry_for(fuse_req_t req, const char *path, struct stat *st, st
   return 0;
 }
 
+/* Every cfs_file, so that shut-down can end those whose release never came.
+ * files_lock guards the list links only. */
+static pthread_mutex_t files_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct cfs_file *files;
+
 struct cfs_file *cfs_file_new(enum cfs_kind kind, const char *path) {
   struct cfs_file *f = calloc(1, sizeof(*f));
   if (!f)
@@ -329,12 +334,26 @@ struct cfs_file *cfs_file_new(enum cfs_kind kind, const char *path) {
     free(f);
     return NULL;
   }
+  pthread_mutex_lock(&files_lock);
+  f->next = files;
+  if (files)
+    files->prev = f;
+  files = f;
+  pthread_mutex_unlock(&files_lock);
   return f;
 }
 
 void cfs_file_free(struct cfs_file *f) {
   if (!f)
     return;
+  pthread_mutex_lock(&files_lock);
+  if (f->prev)
+    f->prev->next = f->next;
+  else if (files == f)
+    files = f->next;
+  if (f->next)
+    f->next->prev = f->prev;
+  pthread_mutex_unlock(&files_lock);
   pthread_mutex_destroy(&f->lock);
   free(f->path);
   free(f->key);
@@ -342,6 +361,30 @@ void cfs_file_free(struct cfs_file *f) {
   free(f->snap);
   free(f->dirbuf);
   free(f);
+}
+
+void cfs_files_shutdown(void) {
+  for (;;) {
+    pthread_mutex_lock(&files_lock);
+    struct cfs_file *f = files;
+    pthread_mutex_unlock(&files_lock);
+    if (!f)
+      return;
+    switch (f->kind) {
+    case FK_SERVICE:
+      services_release(f); /* revokes the lease: the instance goes at once */
+      break;
+    case FK_EVENTS:
+      events_release(f);
+      break;
+    case FK_LOCK:
+      locks_release(f);
+      break;
+    default: /* config: flush already committed what was written */
+      break;
+    }
+    cfs_file_free(f);
+  }
 }
 
 static struct cfs_file *FH(struct fuse_file_info *fi) {

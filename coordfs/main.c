@@ -440,6 +440,7 @@ int main(int argc, char **argv) {
   fuse_remove_signal_handlers(se);
   fuse_session_unmount(se);
   notifier_stop();
+  cfs_files_shutdown();
   locks_shutdown();
   coord_close(g.c);
   fuse_session_destroy(se);
