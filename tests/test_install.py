@@ -223,7 +223,7 @@ def _daemon_pids(mountpoint):
     return pids
 
 
-MOUNT_WAYS = ["helper", "mount-t", "fstab"]
+MOUNT_WAYS = ["helper", "mount-t", "fstab", "fstab-fuse-hash"]
 
 
 def _wait_gone(pids, timeout=15.0):
@@ -283,9 +283,13 @@ def test_mount_like_a_system(destdir, tmp_path, etcd, way):
 
     if way == "mount-t":
         mount = "mount -t fuse.coordfs %s %s -o %s" % (etcd.endpoints, mnt, opts)
-    else:
+    elif way == "fstab":
         fstab = tmp_path / "fstab"
         fstab.write_text("# test\n%s %s fuse.coordfs defaults,%s 0 0\n" % (etcd.endpoints, mnt, opts))
+        mount = "mount -T %s %s" % (fstab, mnt)
+    else:  # the older form: type fuse, source PROGRAM#SOURCE
+        fstab = tmp_path / "fstab"
+        fstab.write_text("coordfs#%s %s fuse defaults,%s 0 0\n" % (etcd.endpoints, mnt, opts))
         mount = "mount -T %s %s" % (fstab, mnt)
     script = """
         set -e
