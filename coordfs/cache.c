@@ -110,10 +110,27 @@ static void add_ancestors(struct cfs_cache *c, const char *path, int d) {
   free(p);
 }
 
+/* The node path of a key.  A key with a NUL byte cannot be a file name,
+ * and cut at the NUL it would alias another key ("a\0x" would overwrite the
+ * node of "a"): such keys, and the keys starting with '/' (never file names
+ * either), get "/" + the key in hex, a space no other key maps to. */
+static char *node_path(const char *key, size_t key_len) {
+  if (key_len && !memchr(key, 0, key_len) && key[0] != '/')
+    return strndup(key, key_len);
+  char *p = malloc(2 * key_len + 2);
+  if (!p)
+    return NULL;
+  p[0] = '/';
+  for (size_t i = 0; i < key_len; i++)
+    snprintf(p + 1 + 2 * i, 3, "%02x", (unsigned char)key[i]);
+  p[1 + 2 * key_len] = 0;
+  return p;
+}
+
 int cache_apply(struct cfs_cache *c, const char *key, size_t key_len, int is_put, const void *val, size_t len,
                 int64_t rev, int64_t create_rev, int64_t version, int64_t lease) {
   int ok = cfs_key_ok(key, key_len);
-  char *path = strndup(key, key_len);
+  char *path = node_path(key, key_len);
   if (!path)
     return 0;
   struct cfs_node *n = cache_node(c, path);
