@@ -153,6 +153,11 @@ test-valgrind: deps
 	@echo "valgrind: unit tests clean"
 	COORD_BUILD=$(CURDIR)/$(B) COORD_VALGRIND=1 /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/test_valgrind.py
 
+# The long forms of the reliability tests: lock chaos 5 min, load 60 s (scripts/soak).
+soak: deps
+	$(MAKE) all
+	@COORD_BUILD=$(CURDIR)/$(B) SANITIZE=$(SANITIZE) scripts/soak
+
 run: deps
 	$(MAKE) all
 	@scripts/run

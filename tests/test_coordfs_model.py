@@ -403,7 +403,7 @@ def make_machine(mount, gw):
     return ConfigModel
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(max(300, EXAMPLES * 3))
 def test_config_random_operations_agree_with_model_and_etcd(etcd, coordfs_mount):
     m = coordfs_mount(etcd)
     gw = Gateway(etcd.members[0].client_url)
