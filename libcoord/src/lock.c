@@ -66,13 +66,18 @@
  *   deleted) only set flags (h->cancel, h->lease_dead, h->key_gone); the
  *   call's completion acts on them.  In LK_WAIT nothing is in flight, so such
  *   an event acts at once.
- *   Failure path: fail() moves to LK_FAILED, detaches the watchers and
+ *   Failure path: fail() moves to LK_FAILED, leaves the name watch and
  *   disposes of key and lease (dispose()): no key -> lease back to the pool;
  *   key exists -> async Delete (h->cleaning), then lease back to the pool;
- *   outcome of a write unknown or key deleted by someone else -> revoke the
- *   lease; lease dead -> forget it.  The acquire outcome (callback or wakeup
- *   of the blocking form) is delivered only after that cleanup finished, so
- *   a cancelled or timed-out waiter has no key left once it is told.
+ *   outcome of a write unknown, key deleted by someone else, or lease
+ *   reported dead -> revoke the lease (best effort).  The acquire outcome
+ *   (callback or wakeup of the blocking form) is delivered only after the
+ *   Delete finished, so a cancelled or timed-out waiter has no key left
+ *   once it is told.  coord_lock_state() of a failed handle is the failure
+ *   code (COORD_ECANCELED, COORD_ETIMEDOUT, ...).
+ *   A waiter whose lease is lost (or whose key is deleted) fails with
+ *   COORD_ELOST: it lost its place in the queue (as Go's Mutex does when
+ *   its session ends); it does not queue again by itself.
  *
  * THREADS, LOCKS, OWNERSHIP:
  *   - One mutex per client (pool->mu) guards the pool and every field of
@@ -88,7 +93,9 @@
  *     (coord_lock_acquire, _try_acquire, _ttl, _set_note, guarded writes)
  *     refuse to run on the event thread (COORD_EINVAL); coord_lock_unlock and
  *     coord_lock_cancel may be called from anywhere, including from inside
- *     the handle's own callbacks (then unlock does not wait).
+ *     the handle's own callbacks (then unlock does not wait).  A caller of
+ *     coord_lock_unlock must not hold a lock that its own acquire or lost
+ *     callback takes: unlock waits for a callback that is running.
  *   - Handle lifetime is reference counted (h->refs): one reference for the
  *     user (dropped by coord_lock_unlock), one per call or timer in flight
  *     (h->ops counts those), one temporary reference while post_run works on
@@ -109,9 +116,11 @@
  *   - coord__locks_close (from coord_close, event thread still running)
  *     cancels every pending acquire (callbacks get COORD_ECLOSED), releases
  *     every held lock, waits for every call in flight, revokes the pool's
- *     leases, waits for the event thread to pass a barrier (so no lease-lost
- *     callback still runs), then frees the pool AND every handle the user did
- *     not unlock: handles must not be used after coord_close.
+ *     leases, removes the name watches, waits for the event thread to pass a
+ *     barrier (so no lease-lost callback still runs), then frees the pool AND
+ *     every handle the user did not unlock: handles must not be used after
+ *     coord_close.  If some call never completes (CLOSE_WAIT_MS), it leaks
+ *     instead of freeing what a late callback would touch.
  */
 #include "internal.h"
 
