@@ -101,6 +101,7 @@ def test_recursive_dir_watch_sees_modify_create_delete(etcd, fs):
 def test_own_writes_not_echoed(etcd, fs):
     etcd.put("/config/mine", "0")
     wait_for(lambda: os.path.exists(C(fs, "mine")), 5, what="mine")
+    time.sleep(0.5)  # let the notifier announce that creation first
     w = Inotifywait(C(fs, "mine"))
     try:
         with open(C(fs, "mine"), "w") as f:
