@@ -19,7 +19,9 @@
  * Streams: a read with nothing queued is kept as a pending fuse_req_t (no
  * worker thread waits) and answered by the watch thread, or with EINTR by
  * the interrupt callback when the reader gets a signal.  A read returns
- * whole lines (a single line longer than the read size is split).
+ * whole lines (a single line longer than the read size is split).  A
+ * reader more than STREAM_MAX bytes behind loses the backlog: it is
+ * replaced by {"type":"LOST","revision":N} (every event up to N is gone).
  *
  * Locking: ev_lock guards every stream (queues, waiters, poll handles) and
  * the stream lists.  fuse replies and poll notifications are sent after
@@ -34,6 +36,9 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
+
+/* Unread bytes kept per open stream. */
+#define STREAM_MAX (16u << 20)
 
 struct waiter {
   fuse_req_t req;
@@ -241,6 +246,12 @@ static void publish(int which, int64_t rev, const char *line, size_t len) {
   for (struct cfs_stream *s = streams[which]; s; s = s->next) {
     if (rev <= s->start_rev)
       continue;
+    if (s->qlen + len > STREAM_MAX) {
+      /* a reader that does not keep up: what it missed is replaced by one
+       * line that says so, and the stream goes on from here */
+      s->qlen =
+          (size_t)snprintf(s->q, s->qcap, "{\"type\":\"LOST\",\"revision\":%lld}\n", (long long)rev - 1);
+    }
     if (s->qlen + len > s->qcap) {
       size_t cap = s->qcap ? s->qcap : 4096;
       while (cap < s->qlen + len)

@@ -144,3 +144,24 @@ def test_services_and_locks_streams(etcd, fs):
     finally:
         os.close(fs_fd)
         os.close(lk_fd)
+
+
+@pytest.mark.slow
+def test_reader_that_does_not_keep_up_gets_a_lost_line(etcd, fs):
+    fd = os.open(E(fs, "config"), os.O_RDONLY)
+    try:
+        big = "b" * (1024 * 1024)
+        for i in range(18):  # ~18 MiB of lines, more than a stream keeps
+            etcd.put("/config/big", big)
+        etcd.put("/config/last", "x")
+        buf = b""
+        deadline = time.monotonic() + 30
+        while not buf.endswith(b'"key":"last","revision":%d,"value":"x"}\n' % etcd.revision()):
+            assert time.monotonic() < deadline, buf[:200]
+            buf += os.read(fd, 1 << 20)  # a 1 MiB line comes in pieces
+        lines = [json.loads(line) for line in buf.decode().splitlines()]
+        assert lines[0]["type"] == "LOST"
+        assert all(e["key"] == "big" for e in lines[1:-1])
+        assert lines[-1]["value"] == "x"
+    finally:
+        os.close(fd)
