@@ -367,3 +367,53 @@ def test_mv_directory_is_one_txn(etcd, fs):
     assert sorted(os.listdir(C(fs, "dst", "b"))) == ["c", "d"]
     assert not os.path.exists(C(fs, "src"))
     assert read(C(fs, "dst", "b", "c")) == "b/c"
+
+
+@pytest.mark.slow
+def test_concurrent_load_on_two_mounts_no_hang(etcd, coordfs_mount):
+    """Writers, readers, listers and etcdctl on two mounts at once for a few
+    seconds: no hang, no error other than a lost race (EBUSY), and at the
+    end both mounts read what etcd holds."""
+    a, b = coordfs_mount(etcd), coordfs_mount(etcd)
+    for m in (a, b):
+        os.makedirs(C(m, "load"), exist_ok=True)
+    stop = time.monotonic() + 4
+    errors = []
+
+    def writer(m, tag):
+        i = 0
+        while time.monotonic() < stop:
+            try:
+                with open(C(m, "load", "k%d" % (i % 5)), "w") as f:
+                    f.write("%s-%d" % (tag, i))
+                with open(C(m, "load", "log"), "a") as f:
+                    f.write("%s%d\n" % (tag, i))
+            except OSError as e:
+                if e.errno not in (errno.EBUSY, errno.ENOENT):
+                    errors.append(repr(e))
+            i += 1
+
+    def reader(m):
+        while time.monotonic() < stop:
+            try:
+                for n in os.listdir(C(m, "load")):
+                    with open(C(m, "load", n)) as f:
+                        f.read()
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    errors.append(repr(e))
+
+    threads = [threading.Thread(target=writer, args=(a, "a")), threading.Thread(target=writer, args=(b, "b")),
+               threading.Thread(target=reader, args=(a,)), threading.Thread(target=reader, args=(b,))]
+    for t in threads:
+        t.start()
+    while time.monotonic() < stop:
+        etcd.put("/config/load/k0", "etcdctl")
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    assert errors == []
+    want = {k[len("/config/load/"):]: v for k, v in etcd.get_prefix("/config/load/").items()}
+    for m in (a, b):
+        wait_for(lambda: {n: read(C(m, "load", n)) for n in os.listdir(C(m, "load"))} == want, 10,
+                 what="mount agrees with etcd")
