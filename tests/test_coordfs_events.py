@@ -160,8 +160,10 @@ def test_reader_that_does_not_keep_up_gets_a_lost_line(etcd, fs):
             assert time.monotonic() < deadline, buf[:200]
             buf += os.read(fd, 1 << 20)  # a 1 MiB line comes in pieces
         lines = [json.loads(line) for line in buf.decode().splitlines()]
-        assert lines[0]["type"] == "LOST"
-        assert all(e["key"] == "big" for e in lines[1:-1])
+        # the first events may be read before the backlog overflows
+        assert [e["type"] for e in lines].count("LOST") >= 1
+        assert len(lines) < 18 + 1
+        assert all(e["key"] == "big" for e in lines[:-1] if e["type"] != "LOST")
         assert lines[-1]["value"] == "x"
     finally:
         os.close(fd)
