@@ -11,6 +11,7 @@ kill -9 of coordfs (lock freed after --lock-ttl), --lock-ttl renewal, the
 JSON read, notes, listing and refused names.
 """
 
+import base64
 import errno
 import json
 import os
@@ -33,7 +34,6 @@ SLOW = 3.0 if harness.SANITIZE else 1.0
 def keys(etcd, prefix="/locks/"):
     """Keys under prefix, in create-revision order."""
     r = etcd.etcdctl_json("get", "--prefix", prefix, "--keys-only", "--sort-by=CREATE", "--order=ASCEND")
-    import base64
     return [base64.b64decode(kv["key"]).decode() for kv in r.get("kvs") or []]
 
 
