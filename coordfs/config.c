@@ -24,6 +24,7 @@
  * across an etcd call.
  */
 #include "coordfs.h"
+#include "log.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -420,9 +421,8 @@ int config_commit(struct cfs_file *f) {
   if (!f->dirty)
     return 0;
   int64_t rev = 0;
-  if (g.o.debug)
-    fprintf(stderr, "coordfs: commit %s len=%zu plain=%d base=%lld\n", f->key, f->len, f->truncating,
-            (long long)f->base_rev);
+  cfs_log(LOG_DEBUG, "commit /config/%s: %zu bytes, %s", f->key, f->len,
+          f->truncating ? "plain put" : "compare on the revision read at open");
   int rc = put_value(f->key, f->buf ? f->buf : "", f->len, f->truncating, f->base_rev, &rev);
   if (rc) {
     f->failed = 1;
@@ -487,8 +487,7 @@ int config_truncate(struct cfs_file *f, const char *rel, off_t size) {
   }
   pthread_mutex_unlock(&g.lock);
   int64_t rev;
-  if (g.o.debug)
-    fprintf(stderr, "coordfs: truncate %s to %lld\n", key, (long long)size);
+  cfs_log(LOG_DEBUG, "truncate /config/%s to %lld bytes", key, (long long)size);
   if (!rc)
     rc = put_value(key, val, (size_t)size, size == 0, base, &rev);
   free(val);

@@ -12,6 +12,7 @@
  *   status.c    /status
  *   notifier.c  the notifier thread: self-operations so inotify works
  *   locks.c     /locks (issue 5) behind the locks_* hooks declared below
+ *   log.c       logging: stderr in the foreground, syslog as a daemon (log.h)
  *
  * Threads:
  *   - libfuse's worker threads (fuse_session_loop_mt) run the ops in fs.c.
