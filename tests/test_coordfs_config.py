@@ -417,3 +417,14 @@ def test_concurrent_load_on_two_mounts_no_hang(etcd, coordfs_mount):
     for m in (a, b):
         wait_for(lambda: {n: read(C(m, "load", n)) for n in os.listdir(C(m, "load"))} == want, 10,
                  what="mount agrees with etcd")
+
+
+def test_reads_from_cache_while_etcd_down(etcd, coordfs_mount):
+    m = coordfs_mount(etcd, "--timeout", "2s")
+    sh("echo cached > %s" % q(C(m, "k")))
+    etcd.stop(0)
+    t0 = time.monotonic()
+    assert read(C(m, "k")) == "cached\n"
+    assert sorted(os.listdir(C(m))) == ["k"]
+    assert time.monotonic() - t0 < 5
+    etcd.start_member(0)
