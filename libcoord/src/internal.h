@@ -109,6 +109,17 @@ Etcdserverpb__TxnRequest *coord__txn_build(coord_t *c, const coord_txn_t *txn);
 void coord__txn_request_free(Etcdserverpb__TxnRequest *r);
 int coord__txn_result_from_pb(coord_t *c, const Etcdserverpb__TxnResponse *pb, coord_txn_result_t **out);
 
+/* ---------------------------------------------------------------- leases */
+
+/* coord_lease_keepalive with a known local expiry until the first renewal
+ * answers (monotonic ms; a lease just granted: the grant's send time + TTL,
+ * or an answer time + TTL minus a margin for the round trip).  Without it a
+ * lease cut off from etcd before its first renewal would never be reported
+ * lost. */
+int coord__lease_keepalive_until(coord_t *c, int64_t id, int64_t expires, coord_lease_lost_cb lost, void *arg);
+/* The client's default call timeout (ms). */
+int coord__default_timeout_ms(coord_t *c);
+
 /* ---------------------------------------------------------------- timers */
 
 typedef void (*coord__timer_fn)(coord_t *c, void *arg);

@@ -258,6 +258,10 @@ static void tick(coord_t *c, void *arg) {
 }
 
 int coord_lease_keepalive(coord_t *c, int64_t id, coord_lease_lost_cb lost, void *arg) {
+  return coord__lease_keepalive_until(c, id, INT64_MAX, lost, arg);
+}
+
+int coord__lease_keepalive_until(coord_t *c, int64_t id, int64_t expires, coord_lease_lost_cb lost, void *arg) {
   if (!c || id <= 0)
     return coord__err(COORD_EINVAL, "coord_lease_keepalive: NULL client or bad lease id");
   leases_t *ls = leases(c);
@@ -267,7 +271,7 @@ int coord_lease_keepalive(coord_t *c, int64_t id, coord_lease_lost_cb lost, void
   if (!k)
     return coord__err(COORD_ENOMEM, "out of memory");
   k->id = id;
-  k->expires = INT64_MAX;
+  k->expires = expires;
   k->lost = lost;
   k->arg = arg;
   pthread_mutex_lock(&ls->mu);

@@ -424,6 +424,14 @@ static void pool_put(lease_class_t *k, int64_t id) {
   k->free_ids[k->nfree++] = id;
 }
 
+/* Local expiry of a lease just granted, until its first renewal answers:
+ * the granted TTL from now, less a margin for the grant's round trip (the
+ * lease started when etcd granted it, a little before this answer). */
+static int64_t grant_expiry(const Etcdserverpb__LeaseGrantResponse *r) {
+  int64_t ttl = r->ttl * 1000, margin = ttl / 8 < 250 ? ttl / 8 : 250;
+  return coord__now_ms() + ttl - margin;
+}
+
 static void pool_refill_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg) {
   lease_class_t *k = arg;
   struct coord_lock_pool *pool = k->pool;
@@ -433,7 +441,7 @@ static void pool_refill_done(coord_t *c, int status, ProtobufCMessage *resp, voi
   if (status == 0) {
     Etcdserverpb__LeaseGrantResponse *r = (Etcdserverpb__LeaseGrantResponse *)resp;
     if (r->id != 0 && (r->error == NULL || r->error[0] == '\0')) {
-      if (coord_lease_keepalive(c, r->id, pool_lease_lost, pool) < 0)
+      if (coord__lease_keepalive_until(c, r->id, grant_expiry(r), pool_lease_lost, pool) < 0)
         pool_revoke(pool, r->id);
       else
         pool_put(k, r->id);
@@ -962,7 +970,8 @@ static void grant_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg
       id = r->id;
   }
   if (status == 0) {
-    int rc = coord_lease_keepalive(c, id, pool_lease_lost, h->pool);
+    int rc = coord__lease_keepalive_until(c, id, grant_expiry((Etcdserverpb__LeaseGrantResponse *)resp),
+                                          pool_lease_lost, h->pool);
     if (rc < 0) {
       pool_revoke(h->pool, id);
       status = rc;
@@ -1347,7 +1356,7 @@ static int lock_wait(const char *fn, coord_t *c, const char *name, int64_t ttl_m
   if (timeout_ms < -1)
     return coord__err(COORD_EINVAL, "%s: invalid timeout %d", fn, timeout_ms);
   if (timeout_ms == 0)
-    timeout_ms = LOCK_DEFAULT_TIMEOUT_MS;
+    timeout_ms = c ? coord__default_timeout_ms(c) : LOCK_DEFAULT_TIMEOUT_MS;
   coord_lock_t *h = NULL;
   int rc = lock_start(fn, c, name, ttl_ms, try_mode, 1, NULL, NULL, &h);
   if (rc < 0)

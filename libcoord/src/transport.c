@@ -277,6 +277,10 @@ grpc_completion_queue *coord__cq(coord_t *c) {
   return c->cq;
 }
 
+int coord__default_timeout_ms(coord_t *c) {
+  return c->cfg.timeout_ms;
+}
+
 size_t coord__ns_len(coord_t *c) {
   return c->ns_len;
 }

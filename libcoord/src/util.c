@@ -51,10 +51,14 @@ const char *coord_last_error(void) {
 }
 
 int coord__err(int code, const char *fmt, ...) {
+  /* Format into a scratch buffer first: the arguments may point into
+   * err_detail itself (a detail that wraps the previous one). */
+  char buf[sizeof err_detail];
   va_list ap;
   va_start(ap, fmt);
-  vsnprintf(err_detail, sizeof err_detail, fmt, ap);
+  vsnprintf(buf, sizeof buf, fmt, ap);
   va_end(ap);
+  memcpy(err_detail, buf, sizeof err_detail);
   return code;
 }
 
