@@ -435,7 +435,11 @@ static void apply_event(int which, const coord_event_t *ev, const char *rel, siz
       add_job(&js, J_CREATE, top, rel, rel_len, "/.value");
   } else if (!after.file && before.file) {
     add_job(&js, J_UNLINK, top, rel, rel_len, before.dir ? "/.value" : "");
-    for (int i = d - 2; i >= 0; i--)
+    /* Not for /services/<name>: every name there can be looked up (opening
+     * <name>/<id> registers), so removing the directory when its last
+     * instance leaves only makes a concurrent registration in it fail with
+     * ENOENT (its path walk ends in the removed directory). */
+    for (int i = d - 2; i >= 0 && which != S_SERVICES; i--)
       if (before.vis[i] && !after.vis[i])
         add_job(&js, J_RMDIR, top, rel, before.end[i], "");
   }
