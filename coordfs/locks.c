@@ -138,10 +138,12 @@ struct lkf {
 
 static struct {
   pthread_mutex_t mu;
+  pthread_cond_t cv; /* in_cb went to 0 */
   struct lkf *all;
   uint64_t next_id;
+  int in_cb; /* on_acquired calls running (shut-down waits for them) */
   int shutting_down;
-} L = {.mu = PTHREAD_MUTEX_INITIALIZER};
+} L = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -306,8 +308,7 @@ static void on_lost(coord_lock_t *lock, void *arg) {
 
 /* Acquire outcome, on the event thread (or, for a lock granted before
  * coord_lock_acquire_async returned, still on the event thread). */
-static void on_acquired(coord_lock_t *lock, int status, void *arg) {
-  struct lkf *l = arg;
+static void acquired(coord_lock_t *lock, int status, struct lkf *l) {
   pthread_mutex_lock(&L.mu);
   if (l->st != L_WAIT || (l->h && l->h != lock)) {
     /* abandoned: whoever took it away unlocks it */
@@ -369,6 +370,17 @@ static void on_acquired(coord_lock_t *lock, int status, void *arg) {
   fuse_reply_err(req, lock_errno(status ? status : COORD_ECANCELED, interrupted));
   if (kind != R_FLOCK)
     drop_file(l);
+}
+
+static void on_acquired(coord_lock_t *lock, int status, void *arg) {
+  pthread_mutex_lock(&L.mu);
+  L.in_cb++;
+  pthread_mutex_unlock(&L.mu);
+  acquired(lock, status, arg);
+  pthread_mutex_lock(&L.mu);
+  if (--L.in_cb == 0)
+    pthread_cond_broadcast(&L.cv);
+  pthread_mutex_unlock(&L.mu);
 }
 
 /* libfuse, on a worker, with the request's lock held. */
@@ -494,8 +506,11 @@ int locks_init(void) {
 
 void locks_shutdown(void) {
   /* The session loop has ended: no worker runs and no release will come.
-   * Withdraw what waits, release what is held, free every lock file.  A
-   * callback running meanwhile finds its attempt abandoned. */
+   * Withdraw what waits, release what is held, free every lock file (so
+   * main.c must call this before cfs_files_shutdown, which then finds no
+   * lock file).  A callback starting after the claims below finds its
+   * attempt abandoned; one already running is waited for, since it may be
+   * freeing its file. */
   pthread_mutex_lock(&L.mu);
   L.shutting_down = 1;
   size_t n = 0;
@@ -511,6 +526,8 @@ void locks_shutdown(void) {
     reqs[i] = claim_locked(l);
     hs[i] = detach_locked(l);
   }
+  while (L.in_cb > 0)
+    pthread_cond_wait(&L.cv, &L.mu);
   pthread_mutex_unlock(&L.mu);
   for (size_t j = 0; j < i; j++) {
     struct lkf *l = ls[j];

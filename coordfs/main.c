@@ -440,8 +440,8 @@ int main(int argc, char **argv) {
   fuse_remove_signal_handlers(se);
   fuse_session_unmount(se);
   notifier_stop();
+  locks_shutdown(); /* first: frees the lock files, incl. pending opens */
   cfs_files_shutdown();
-  locks_shutdown();
   coord_close(g.c);
   fuse_session_destroy(se);
   fuse_opt_free_args(&args);

@@ -642,3 +642,25 @@ def test_namespace_prefix(etcd, coordfs_mount):
     finally:
         os.close(fd)
     wait_keys(etcd, 0, prefix="/")
+
+
+def test_coordfs_stops_with_locks_in_use(etcd, coordfs_mount):
+    """SIGTERM to coordfs with a lock held, an open and a flock waiting: it
+    exits 0, the waiters fail, every key is deleted at once (not after the
+    TTL), and (sanitized builds) nothing leaks."""
+    m = coordfs_mount(etcd)
+    path = m.join("locks", "s")
+    h = hold(path)
+    expect_held(h)
+    w1 = hold(path)
+    w2 = popen(["flock", path, "true"], stderr=subprocess.DEVNULL)
+    wait_keys(etcd, 3)
+    m.kill(signal.SIGTERM)
+    assert m.proc.wait(30 * SLOW) == 0
+    wait_keys(etcd, 0, timeout=3)  # revoked, not expired (TTL 10 s)
+    assert w2.wait(10 * SLOW) != 0
+    for p in (h, w1):
+        end_process(p, signal.SIGKILL)
+    m.unmount()
+    rep = harness.sanitizer_report(m.log())
+    assert not rep, rep
