@@ -85,6 +85,11 @@
  *     - libfuse runs on_interrupt on a worker with the request's own lock
  *       held; it only cancels (never waits for the event thread on anything
  *       that needs L.mu or the request lock).
+ *     - main's thread runs locks_shutdown after the session loop ended and
+ *       BEFORE cfs_files_shutdown: it claims every pending request (freed
+ *       with fuse_reply_none), detaches every handle, waits on L.cv until no
+ *       on_acquired runs (L.in_cb), unlocks the handles (blocking: keys
+ *       deleted) and frees every lock file, so cfs_files_shutdown finds none.
  */
 #include "coordfs.h"
 
