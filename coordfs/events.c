@@ -65,7 +65,7 @@ static int64_t last_rev[S_NKINDS];
 static pthread_t thread;
 static int thread_started;
 static int wake_fd = -1;
-static volatile int stopping;
+static int stopping; /* set by events_stop, read by the watch thread (atomics) */
 
 /* ---------------------------------------------------------------- streams */
 
@@ -500,7 +500,7 @@ static void handle(int k, coord_event_t *ev) {
 static void *watch_main(void *arg) {
   (void)arg;
   int64_t retry_at[S_NKINDS] = {0};
-  while (!stopping) {
+  while (!__atomic_load_n(&stopping, __ATOMIC_ACQUIRE)) {
     struct pollfd pfd[S_NKINDS + 1];
     int idx[S_NKINDS + 1], n = 0, broken = 0;
     struct timespec now;
@@ -569,7 +569,7 @@ int events_start(void) {
 void events_stop(void) {
   if (wake_fd < 0)
     return;
-  stopping = 1;
+  __atomic_store_n(&stopping, 1, __ATOMIC_RELEASE);
   uint64_t one = 1;
   if (write(wake_fd, &one, sizeof(one)) < 0) {
     /* nothing to do: the thread also wakes on its next event */

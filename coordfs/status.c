@@ -27,7 +27,7 @@ int status_snapshot(char **out, size_t *len) {
   coord_status_t st;
   memset(&st, 0, sizeof(st));
   int rc = coord_status(g.c, 1000, &st);
-  g.connected = rc == 0;
+  __atomic_store_n(&g.connected, rc == 0, __ATOMIC_RELAXED);
   json_t *o = json_object();
   if (!o)
     return -ENOMEM;
