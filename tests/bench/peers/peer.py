@@ -25,6 +25,33 @@ except ImportError as e:  # reported, never fatal for the bench
 WORKLOADS = ["put_seq", "get_lin", "get_ser", "put_conc", "get_conc", "lock_cycle", "lock_handoff", "watch", "fill"]
 
 
+def acquire_waiting(lk, timeout):
+    """python-etcd3 0.12's Lock.acquire with its retry loop written out.  The
+    library's own hands tenacity a wait() of an older signature and raises
+    TypeError on its first retry with Debian's tenacity, i.e. as soon as the
+    lock is contended.  Same requests, same order: a lease, the Txn, and on
+    failure a watch_once on the key before trying again."""
+    c = lk.etcd_client
+    deadline = time.monotonic() + timeout
+    while True:
+        lk.lease = c.lease(lk.ttl)
+        ok, _ = c.transaction(
+            compare=[c.transactions.create(lk.key) == 0],
+            success=[c.transactions.put(lk.key, lk.uuid, lease=lk.lease)],
+            failure=[c.transactions.get(lk.key)],
+        )
+        if ok:
+            return True
+        lk.lease = None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            c.watch_once(lk.key, left)
+        except etcd3.exceptions.WatchTimedOut:
+            pass
+
+
 def pct(s, p):
     return s[int(p * (len(s) - 1) + 0.5)] if s else 0.0
 
@@ -133,7 +160,8 @@ def main():
 
             def wait_turn(lk=locks[wi]):
                 try:
-                    lk.acquire(timeout=30)
+                    if not acquire_waiting(lk, 30):
+                        raise TimeoutError("no lock in 30 s")
                     got.put(now())
                 except Exception as e:  # noqa: BLE001 -- handed to the main thread
                     got.put(e)
