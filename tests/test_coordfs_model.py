@@ -412,9 +412,17 @@ def test_config_random_operations_agree_with_model_and_etcd(etcd, coordfs_mount)
     run_state_machine_as_test(machine, settings=settings(
         max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, database=None,
         suppress_health_check=list(HealthCheck), print_blob=True))
-    print("model test: %d operations, %d examples of up to %d steps in %.1f s (%d empty writes committed after close; "
-          "%d steps with a stale kernel name, longest %.2f s; %d operations answered from a stale entry)" % (
-              OPS[0], EXAMPLES, STEPS, time.monotonic() - t0, LATE[0], STALE[0], STALE[1], TOLERATED[0]))
+    line = ("model test: %d operations, %d examples of up to %d steps in %.1f s (%d empty writes committed "
+            "after close; %d steps with a stale kernel name, longest %.2f s; %d operations answered from a "
+            "stale entry)" % (OPS[0], EXAMPLES, STEPS, time.monotonic() - t0, LATE[0], STALE[0], STALE[1],
+                              TOLERATED[0]))
+    print(line)
+    try:
+        import harness
+        with open(os.path.join(harness.build_dir(), "reliability.txt"), "a") as f:
+            f.write("%s %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), line))
+    except OSError:
+        pass
 
 
 def test_key_with_a_nul_byte_does_not_hide_another_key(etcd, coordfs_mount):
