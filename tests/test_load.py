@@ -175,4 +175,5 @@ def test_100_processes_mixed_load(etcd, coordfs_mount):
             f.write("%s %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%S"), line))
     except OSError:
         pass
-    assert last - base < 16 * 1024, "coordfs RSS grew %d KiB under steady load: %s" % (last - base, run)
+    if not harness.SANITIZE:  # ASan's quarantine and shadow memory grow by design
+        assert last - base < 16 * 1024, "coordfs RSS grew %d KiB under steady load: %s" % (last - base, run)
