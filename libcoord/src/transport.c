@@ -530,7 +530,8 @@ struct unary {
   grpc_slice details;
   coord__unary_cb cb;
   void *arg;
-  int fail; /* see unary_fail */
+  grpc_completion_queue *cq; /* c->cq, or the calling thread's (blocking) */
+  int fail;                  /* see unary_fail */
   char fail_detail[256];
   unary_t *next, *prev;
 };
@@ -552,14 +553,11 @@ static void unary_unlink(unary_t *u) {
   pthread_mutex_unlock(&c->mu);
 }
 
-static void waiter_cb(coord_t *c, int status, ProtobufCMessage *resp, void *arg);
-
-/* Ends the call: the callback, then the unary_t is freed.  The answer is
- * freed after the callback, except for a blocking call's waiter, which
- * takes it over (no copy of a large Range answer). */
+/* Ends an asynchronous call: the callback, then the answer and the unary_t
+ * are freed. */
 static void unary_finish(unary_t *u, int status, ProtobufCMessage *resp) {
   u->cb(u->c, status, resp, u->arg);
-  if (resp && u->cb != waiter_cb)
+  if (resp)
     protobuf_c_message_free_unpacked(resp, NULL);
   grpc_slice_unref(u->payload);
   unary_unlink(u);
@@ -605,22 +603,27 @@ static void reauth_then_retry(coord_t *c, int status, void *arg) {
     unary_attempt(c, u);
 }
 
-static void unary_done(coord__tag_t *tag, int ok) {
-  unary_t *u = (unary_t *)tag;
+/* What to do once an attempt has finished: the answer, an error, a retry
+ * after *delay ms, or a retry after re-authenticating.  The attempt's
+ * resources are released in every case. */
+enum { D_OK, D_FAIL, D_RETRY, D_REAUTH };
+
+static int unary_decide(unary_t *u, int ok, ProtobufCMessage **resp, int *code, int64_t *delay) {
   coord_t *c = u->c;
   int64_t now = coord__now_ms();
   grpc_status_code st = ok ? u->status : GRPC_STATUS_UNAVAILABLE;
+  *resp = NULL;
   if (st == GRPC_STATUS_OK) {
-    ProtobufCMessage *resp = u->recv ? coord__unpack(u->m->resp, u->recv) : NULL;
+    *resp = u->recv ? coord__unpack(u->m->resp, u->recv) : NULL;
     attempt_reset(u);
     coord__set_connected(c, 1);
-    if (!resp)
-      unary_finish(u, coord__err(COORD_EPROTO, "%s: answer could not be decoded", u->m->path), NULL);
-    else
-      unary_finish(u, 0, resp);
-    return;
+    if (!*resp) {
+      *code = coord__err(COORD_EPROTO, "%s: answer could not be decoded", u->m->path);
+      return D_FAIL;
+    }
+    return D_OK;
   }
-  int code = coord__status_err(st, u->details, u->m->path);
+  *code = coord__status_err(st, u->details, u->m->path);
   pthread_mutex_lock(&c->mu);
   int stopping = c->stopping, have_user = c->cfg.username != NULL;
   pthread_mutex_unlock(&c->mu);
@@ -628,25 +631,38 @@ static void unary_done(coord__tag_t *tag, int ok) {
     /* etcd rejected the token (expired or the member restarted) */
     attempt_reset(u);
     u->reauthed = 1;
-    coord__reauth_async(c, reauth_then_retry, u);
-    return;
+    return D_REAUTH;
   }
-  if (code == COORD_EUNAVAILABLE || code == COORD_ETIMEDOUT) {
+  if (*code == COORD_EUNAVAILABLE || *code == COORD_ETIMEDOUT) {
     coord__set_connected(c, 0);
     coord__endpoint_failed(c, u->ep);
   }
-  int64_t delay = coord__backoff_ms(c, u->attempt);
-  int more = u->attempt < c->cfg.retry.max_attempts && now + delay < u->deadline && !stopping;
-  if (more && retryable(u, code, u->details)) {
+  *delay = coord__backoff_ms(c, u->attempt);
+  int more = u->attempt < c->cfg.retry.max_attempts && now + *delay < u->deadline && !stopping;
+  if (more && retryable(u, *code, u->details)) {
+    if (*code == COORD_ETIMEDOUT)
+      *delay = 0;
     attempt_reset(u);
-    coord__after(c, code == COORD_ETIMEDOUT ? 0 : delay, unary_attempt, u);
-    return;
+    return D_RETRY;
   }
-  if (code == COORD_EUNAVAILABLE && u->attempt > 1)
-    code = coord__err(COORD_EUNAVAILABLE, "%s: no endpoint answered after %d attempts (last: %s)", u->m->path,
-                      u->attempt, coord_last_error());
+  if (*code == COORD_EUNAVAILABLE && u->attempt > 1)
+    *code = coord__err(COORD_EUNAVAILABLE, "%s: no endpoint answered after %d attempts (last: %s)", u->m->path,
+                       u->attempt, coord_last_error());
   attempt_reset(u);
-  unary_finish(u, code, NULL);
+  return D_FAIL;
+}
+
+static void unary_done(coord__tag_t *tag, int ok) {
+  unary_t *u = (unary_t *)tag;
+  ProtobufCMessage *resp;
+  int code = 0;
+  int64_t delay = 0;
+  switch (unary_decide(u, ok, &resp, &code, &delay)) {
+  case D_OK: unary_finish(u, 0, resp); break;
+  case D_FAIL: unary_finish(u, code, NULL); break;
+  case D_RETRY: coord__after(u->c, delay, unary_attempt, u); break;
+  case D_REAUTH: coord__reauth_async(u->c, reauth_then_retry, u); break;
+  }
 }
 
 static gpr_timespec abs_deadline(int64_t deadline_ms) {
@@ -676,16 +692,15 @@ static void unary_fail(unary_t *u, int code) {
     coord__after(u->c, 0, unary_fail_now, u);
 }
 
-static void unary_attempt(coord_t *c, void *arg) {
-  unary_t *u = arg;
+/* Starts one attempt on the current endpoint; 0, or the error that kept
+ * it from starting (nothing is then outstanding). */
+static int attempt_start(coord_t *c, unary_t *u) {
   pthread_mutex_lock(&c->mu);
   int stopping = c->stopping;
   u->ep = c->cur;
   pthread_mutex_unlock(&c->mu);
-  if (stopping) {
-    unary_fail(u, coord__err(COORD_ECLOSED, "client closed"));
-    return;
-  }
+  if (stopping)
+    return coord__err(COORD_ECLOSED, "client closed");
   u->attempt++;
   /* An idempotent call gives one endpoint at most half of what is left (at
    * least 1 s), so a frozen member cannot eat the whole deadline. */
@@ -699,7 +714,7 @@ static void unary_attempt(coord_t *c, void *arg) {
   }
   grpc_slice method = grpc_slice_from_static_string(u->m->path);
   u->call =
-      grpc_channel_create_call(c->ch[u->ep], NULL, GRPC_PROPAGATE_DEFAULTS, c->cq, method, NULL, abs_deadline(dl), NULL);
+      grpc_channel_create_call(c->ch[u->ep], NULL, GRPC_PROPAGATE_DEFAULTS, u->cq, method, NULL, abs_deadline(dl), NULL);
   grpc_slice_unref(method);
   u->nmd = coord__call_metadata(c, u->md, 0);
   u->send = grpc_raw_byte_buffer_create(&u->payload, 1);
@@ -725,21 +740,32 @@ static void unary_attempt(coord_t *c, void *arg) {
   grpc_call_error e = grpc_call_start_batch(u->call, ops, 6, &u->tag, NULL);
   if (e != GRPC_CALL_OK) {
     attempt_reset(u);
-    unary_fail(u, coord__err(COORD_EIO, "%s: grpc_call_start_batch failed (%d)", u->m->path, (int)e));
+    return coord__err(COORD_EIO, "%s: grpc_call_start_batch failed (%d)", u->m->path, (int)e);
   }
+  return 0;
 }
 
-int coord__unary_async(coord_t *c, const coord__method_t *m, const ProtobufCMessage *req, int timeout_ms,
-                       coord__unary_cb cb, void *arg) {
+static void unary_attempt(coord_t *c, void *arg) {
+  unary_t *u = arg;
+  int rc = attempt_start(c, u);
+  if (rc)
+    unary_fail(u, rc);
+}
+
+/* A new call, serialized and on c->calls (so that coord_close can cancel
+ * it); NULL with the error set if the client is stopping. */
+static unary_t *unary_new(coord_t *c, const coord__method_t *m, const ProtobufCMessage *req, int timeout_ms,
+                          grpc_completion_queue *cq, int *rc) {
   unary_t *u = coord__xmalloc(sizeof *u);
-  if (!u)
-    return coord__err(COORD_ENOMEM, "out of memory");
+  if (!u) {
+    *rc = coord__err(COORD_ENOMEM, "out of memory");
+    return NULL;
+  }
   if (timeout_ms == 0)
     timeout_ms = c->cfg.timeout_ms;
   u->c = c;
   u->m = m;
-  u->cb = cb;
-  u->arg = arg;
+  u->cq = cq;
   u->deadline = timeout_ms < 0 ? INT64_MAX : coord__now_ms() + timeout_ms;
   u->details = grpc_empty_slice();
   size_t n = protobuf_c_message_get_packed_size(req);
@@ -750,7 +776,8 @@ int coord__unary_async(coord_t *c, const coord__method_t *m, const ProtobufCMess
     pthread_mutex_unlock(&c->mu);
     grpc_slice_unref(u->payload);
     free(u);
-    return coord__err(COORD_ECLOSED, "client closed");
+    *rc = coord__err(COORD_ECLOSED, "client closed");
+    return NULL;
   }
   u->next = c->calls;
   if (c->calls)
@@ -758,55 +785,93 @@ int coord__unary_async(coord_t *c, const coord__method_t *m, const ProtobufCMess
   c->calls = u;
   c->ncalls++;
   pthread_mutex_unlock(&c->mu);
+  return u;
+}
+
+int coord__unary_async(coord_t *c, const coord__method_t *m, const ProtobufCMessage *req, int timeout_ms,
+                       coord__unary_cb cb, void *arg) {
+  int rc = 0;
+  unary_t *u = unary_new(c, m, req, timeout_ms, c->cq, &rc);
+  if (!u)
+    return rc;
+  u->cb = cb;
+  u->arg = arg;
   unary_attempt(c, u);
   return 0;
 }
 
-/* Blocking calls wait on a condition variable filled by the callback. */
-typedef struct waiter {
-  pthread_mutex_t mu;
-  pthread_cond_t cv;
-  int done;
-  int status;
-  ProtobufCMessage *resp;
-  char detail[512];
-} waiter_t;
+static int authenticate(coord_t *c);
 
-static void waiter_cb(coord_t *c, int status, ProtobufCMessage *resp, void *arg) {
-  waiter_t *w = arg;
-  COORD_UNUSED(c);
-  pthread_mutex_lock(&w->mu);
-  w->status = status;
-  if (status)
-    snprintf(w->detail, sizeof w->detail, "%s", coord_last_error());
-  w->resp = resp; /* taken over: unary_finish does not free it */
-  w->done = 1;
-  pthread_cond_signal(&w->cv);
-  pthread_mutex_unlock(&w->mu);
+/* Blocking calls run on a completion queue of the calling thread's own
+ * (pluck), so the thread that waits also drives the call: no hand-over
+ * through the event thread.  The queue lives as long as the thread; its
+ * destructor holds a gRPC reference so that it may run after the last
+ * coord_close. */
+static pthread_key_t tcq_key;
+static pthread_once_t tcq_once = PTHREAD_ONCE_INIT;
+
+static void tcq_free(void *p) {
+  grpc_init();
+  grpc_completion_queue_shutdown(p);
+  grpc_completion_queue_destroy(p);
+  grpc_shutdown();
+}
+
+static void tcq_make_key(void) {
+  pthread_key_create(&tcq_key, tcq_free);
+}
+
+static grpc_completion_queue *thread_cq(void) {
+  pthread_once(&tcq_once, tcq_make_key);
+  grpc_completion_queue *cq = pthread_getspecific(tcq_key);
+  if (!cq) {
+    cq = grpc_completion_queue_create_for_pluck(NULL);
+    pthread_setspecific(tcq_key, cq);
+  }
+  return cq;
+}
+
+static void sleep_ms(int64_t ms) {
+  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000};
+  while (nanosleep(&ts, &ts) && errno == EINTR)
+    ;
 }
 
 int coord__unary(coord_t *c, const coord__method_t *m, const ProtobufCMessage *req, int timeout_ms,
                  ProtobufCMessage **resp) {
   if (coord__on_event_thread(c))
     return coord__err(COORD_EINVAL, "blocking libcoord call from a callback (event thread)");
-  waiter_t w;
-  memset(&w, 0, sizeof w);
-  pthread_mutex_init(&w.mu, NULL);
-  pthread_cond_init(&w.cv, NULL);
-  int rc = coord__unary_async(c, m, req, timeout_ms, waiter_cb, &w);
-  if (rc == 0) {
-    pthread_mutex_lock(&w.mu);
-    while (!w.done)
-      pthread_cond_wait(&w.cv, &w.mu);
-    pthread_mutex_unlock(&w.mu);
-    rc = w.status;
-    if (rc)
-      coord__err(rc, "%s", w.detail);
+  int rc = 0;
+  unary_t *u = unary_new(c, m, req, timeout_ms, thread_cq(), &rc);
+  if (!u)
+    return rc;
+  ProtobufCMessage *answer = NULL;
+  for (;;) {
+    if ((rc = attempt_start(c, u)))
+      break;
+    /* the call's deadline bounds this wait; coord_close cancels it */
+    grpc_event ev = grpc_completion_queue_pluck(u->cq, &u->tag, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    assert(ev.type == GRPC_OP_COMPLETE && ev.tag == &u->tag);
+    int64_t delay = 0;
+    int d = unary_decide(u, ev.success, &answer, &rc, &delay);
+    if (d == D_OK) {
+      rc = 0;
+      break;
+    }
+    if (d == D_FAIL)
+      break;
+    if (d == D_REAUTH) {
+      if ((rc = authenticate(c)))
+        break;
+      continue;
+    }
+    sleep_ms(delay);
   }
-  pthread_mutex_destroy(&w.mu);
-  pthread_cond_destroy(&w.cv);
+  grpc_slice_unref(u->payload);
+  unary_unlink(u);
+  free(u);
   if (rc == 0)
-    *resp = w.resp;
+    *resp = answer;
   return rc;
 }
 
@@ -853,6 +918,10 @@ void coord__reauth_async(coord_t *c, void (*done)(coord_t *c, int status, void *
 }
 
 static int authenticate(coord_t *c) {
+  pthread_mutex_lock(&c->mu);
+  free(c->token); /* the Authenticate call itself must go without it */
+  c->token = NULL;
+  pthread_mutex_unlock(&c->mu);
   Etcdserverpb__AuthenticateRequest req = ETCDSERVERPB__AUTHENTICATE_REQUEST__INIT;
   req.name = (char *)c->cfg.username;
   req.password = (char *)(c->cfg.password ? c->cfg.password : "");
