@@ -350,7 +350,8 @@ static void compute_diff(coord__watcher_t *w, coord_kv_result_t *r, int all, dif
     }
     free(full);
   }
-  qsort(d->evs, d->n, sizeof *d->evs, by_revision);
+  if (d->n > 1) /* d->evs is NULL when nothing differs: qsort(NULL, 0) is UB */
+    qsort(d->evs, d->n, sizeof *d->evs, by_revision);
   /* apply to known */
   for (size_t i = 0; i < d->n; i++) {
     coord_event_t *ev = &d->evs[i];
