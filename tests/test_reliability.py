@@ -228,11 +228,12 @@ def test_leader_failover_no_acknowledged_write_lost(etcd_cluster, coordfs_mount,
 @pytest.mark.timeout(180)
 def test_frozen_member_reads_and_writes_continue(etcd_cluster, coordfs_mount):
     cl = etcd_cluster
-    a = cl.members[0]
     cl.put("/config/s/init", "0")
-    m = coordfs_mount(cl.all_endpoints)  # a first: coordfs starts on it
+    m = coordfs_mount(cl.all_endpoints)
     cfg = m.join("config", "s")
     wait_for(lambda: os.path.exists(os.path.join(cfg, "init")), 10, what="init")
+    with open(m.join("status")) as f:
+        a = cl.member(json.load(f)["endpoint"])  # the member coordfs talks to
     with open(os.path.join(cfg, "before"), "w") as f:
         f.write("b")
     others = ",".join(x.endpoint for x in cl.members[1:])
