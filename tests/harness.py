@@ -844,7 +844,7 @@ def prog_env(base=None, endpoints=None):
     if SANITIZE:
         env.setdefault("ASAN_OPTIONS", ASAN_OPTIONS)
         env.setdefault("UBSAN_OPTIONS", UBSAN_OPTIONS)
-        env.setdefault("LSAN_OPTIONS", "")
+        env.setdefault("LSAN_OPTIONS", "suppressions=" + os.path.join(REPO, "tests", "lsan.supp"))
     return env
 
 

@@ -245,7 +245,11 @@ def test_watch_moves_off_a_frozen_member(etcd_cluster):
     revs = [e[2] for e in evs]
     assert revs == sorted(set(revs))
     stored = set(k for k in retry(lambda: cl.get_prefix("s/")).keys())
-    assert set(keys) == stored
+    # A Put sent to the frozen member may still commit once it thaws (its
+    # outcome was unknown to the writer): seen must cover every acknowledged
+    # write, and contain nothing that is not stored.
+    assert set(keys) <= stored
+    assert set(acked(out)) <= set(keys)
     assert "done fails=" in out
     fails = int(out.split("done fails=")[1].split()[0])
     assert fails <= 2, out  # at most the write in flight when the member froze
