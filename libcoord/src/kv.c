@@ -185,15 +185,63 @@ static int start_kv(coord_t *c, int kind, const coord__method_t *m, const Protob
   return rc;
 }
 
+/* Request builders shared by the blocking and the asynchronous forms: each
+ * checks its arguments, fills req (pointing into k, which the caller frees
+ * with keyrange_free once the request is serialized) and returns 0 or the
+ * error. */
+static int range_build(coord_t *c, const char *key, const coord_range_opts_t *o, const char *fn,
+                       Etcdserverpb__RangeRequest *req, keyrange_t *k) {
+  int rc = check_key(key, o && (o->prefix || o->range_end), fn);
+  if (rc || (rc = check_range_opts(o, fn)) || (rc = keyrange_make(c, key, o && o->prefix, o ? o->range_end : NULL, k)))
+    return rc;
+  etcdserverpb__range_request__init(req);
+  fill_range(req, k, o);
+  return 0;
+}
+
+static int put_build(coord_t *c, const char *key, const void *value, size_t len, const coord_put_opts_t *o,
+                     const char *fn, Etcdserverpb__PutRequest *req, keyrange_t *k) {
+  int rc = check_key(key, 0, fn);
+  if (rc)
+    return rc;
+  if (!value && len)
+    return coord__err(COORD_EINVAL, "%s: value is NULL", fn);
+  if ((rc = keyrange_make(c, key, 0, NULL, k)))
+    return rc;
+  etcdserverpb__put_request__init(req);
+  req->key.data = (uint8_t *)k->key;
+  req->key.len = k->klen;
+  req->value.data = (uint8_t *)value; /* borrowed: serialized before return */
+  req->value.len = len;
+  if (o) {
+    req->lease = o->lease;
+    req->prev_kv = o->prev_kv;
+  }
+  return 0;
+}
+
+static int delete_build(coord_t *c, const char *key, const coord_range_opts_t *o, const char *fn,
+                        Etcdserverpb__DeleteRangeRequest *req, keyrange_t *k) {
+  int rc = check_key(key, o && (o->prefix || o->range_end), fn);
+  if (rc || (rc = keyrange_make(c, key, o && o->prefix, o ? o->range_end : NULL, k)))
+    return rc;
+  etcdserverpb__delete_range_request__init(req);
+  req->key.data = (uint8_t *)k->key;
+  req->key.len = k->klen;
+  if (k->end) {
+    req->range_end.data = (uint8_t *)k->end;
+    req->range_end.len = k->elen;
+  }
+  req->prev_kv = o ? o->prev_kv : 0;
+  return 0;
+}
+
 int coord__get_async(coord_t *c, const char *key, const coord_range_opts_t *o, coord__kv_cb cb, void *arg) {
-  int rc = check_key(key, o && (o->prefix || o->range_end), "get");
-  if (rc || (rc = check_range_opts(o, "get")))
-    return rc;
+  Etcdserverpb__RangeRequest req;
   keyrange_t k;
-  if ((rc = keyrange_make(c, key, o && o->prefix, o ? o->range_end : NULL, &k)))
+  int rc = range_build(c, key, o, "get", &req, &k);
+  if (rc)
     return rc;
-  Etcdserverpb__RangeRequest req = ETCDSERVERPB__RANGE_REQUEST__INIT;
-  fill_range(&req, &k, o);
   rc = start_kv(c, 0, &coord__m_range, &req.base, o ? o->timeout_ms : 0, cb, arg);
   keyrange_free(&k);
   return rc;
@@ -201,43 +249,22 @@ int coord__get_async(coord_t *c, const char *key, const coord_range_opts_t *o, c
 
 int coord__put_async(coord_t *c, const char *key, const void *value, size_t len, const coord_put_opts_t *o,
                      coord__kv_cb cb, void *arg) {
-  int rc = check_key(key, 0, "put");
+  Etcdserverpb__PutRequest req;
+  keyrange_t k;
+  int rc = put_build(c, key, value, len, o, "put", &req, &k);
   if (rc)
     return rc;
-  if (!value && len)
-    return coord__err(COORD_EINVAL, "put: value is NULL");
-  keyrange_t k;
-  if ((rc = keyrange_make(c, key, 0, NULL, &k)))
-    return rc;
-  Etcdserverpb__PutRequest req = ETCDSERVERPB__PUT_REQUEST__INIT;
-  req.key.data = (uint8_t *)k.key;
-  req.key.len = k.klen;
-  req.value.data = (uint8_t *)value;
-  req.value.len = len;
-  if (o) {
-    req.lease = o->lease;
-    req.prev_kv = o->prev_kv;
-  }
   rc = start_kv(c, 1, &coord__m_put, &req.base, o ? o->timeout_ms : 0, cb, arg);
   keyrange_free(&k);
   return rc;
 }
 
 int coord__delete_async(coord_t *c, const char *key, const coord_range_opts_t *o, coord__kv_cb cb, void *arg) {
-  int rc = check_key(key, o && (o->prefix || o->range_end), "delete");
+  Etcdserverpb__DeleteRangeRequest req;
+  keyrange_t k;
+  int rc = delete_build(c, key, o, "delete", &req, &k);
   if (rc)
     return rc;
-  keyrange_t k;
-  if ((rc = keyrange_make(c, key, o && o->prefix, o ? o->range_end : NULL, &k)))
-    return rc;
-  Etcdserverpb__DeleteRangeRequest req = ETCDSERVERPB__DELETE_RANGE_REQUEST__INIT;
-  req.key.data = (uint8_t *)k.key;
-  req.key.len = k.klen;
-  if (k.end) {
-    req.range_end.data = (uint8_t *)k.end;
-    req.range_end.len = k.elen;
-  }
-  req.prev_kv = o ? o->prev_kv : 0;
   rc = start_kv(c, 2, &coord__m_delete, &req.base, o ? o->timeout_ms : 0, cb, arg);
   keyrange_free(&k);
   return rc;
@@ -516,14 +543,11 @@ int coord_kv_get(coord_t *c, const char *key, const coord_range_opts_t *o, coord
   if (!c || !out)
     return coord__err(COORD_EINVAL, "coord_kv_get: NULL argument");
   *out = NULL;
-  int rc = check_key(key, o && (o->prefix || o->range_end), "coord_kv_get");
-  if (rc || (rc = check_range_opts(o, "coord_kv_get")))
-    return rc;
+  Etcdserverpb__RangeRequest req;
   keyrange_t k;
-  if ((rc = keyrange_make(c, key, o && o->prefix, o ? o->range_end : NULL, &k)))
+  int rc = range_build(c, key, o, "coord_kv_get", &req, &k);
+  if (rc)
     return rc;
-  Etcdserverpb__RangeRequest req = ETCDSERVERPB__RANGE_REQUEST__INIT;
-  fill_range(&req, &k, o);
   ProtobufCMessage *resp = NULL;
   rc = coord__unary(c, &coord__m_range, &req.base, o ? o->timeout_ms : 0, &resp);
   keyrange_free(&k);
@@ -540,23 +564,11 @@ int coord_kv_put(coord_t *c, const char *key, const void *value, size_t len, con
     return coord__err(COORD_EINVAL, "coord_kv_put: NULL client");
   if (out)
     *out = NULL;
-  int rc = check_key(key, 0, "coord_kv_put");
+  Etcdserverpb__PutRequest req;
+  keyrange_t k;
+  int rc = put_build(c, key, value, len, o, "coord_kv_put", &req, &k);
   if (rc)
     return rc;
-  if (!value && len)
-    return coord__err(COORD_EINVAL, "coord_kv_put: value is NULL");
-  keyrange_t k;
-  if ((rc = keyrange_make(c, key, 0, NULL, &k)))
-    return rc;
-  Etcdserverpb__PutRequest req = ETCDSERVERPB__PUT_REQUEST__INIT;
-  req.key.data = (uint8_t *)k.key;
-  req.key.len = k.klen;
-  req.value.data = (uint8_t *)value;
-  req.value.len = len;
-  if (o) {
-    req.lease = o->lease;
-    req.prev_kv = o->prev_kv;
-  }
   ProtobufCMessage *resp = NULL;
   rc = coord__unary(c, &coord__m_put, &req.base, o ? o->timeout_ms : 0, &resp);
   keyrange_free(&k);
@@ -573,20 +585,11 @@ int coord_kv_delete(coord_t *c, const char *key, const coord_range_opts_t *o, co
     return coord__err(COORD_EINVAL, "coord_kv_delete: NULL client");
   if (out)
     *out = NULL;
-  int rc = check_key(key, o && (o->prefix || o->range_end), "coord_kv_delete");
+  Etcdserverpb__DeleteRangeRequest req;
+  keyrange_t k;
+  int rc = delete_build(c, key, o, "coord_kv_delete", &req, &k);
   if (rc)
     return rc;
-  keyrange_t k;
-  if ((rc = keyrange_make(c, key, o && o->prefix, o ? o->range_end : NULL, &k)))
-    return rc;
-  Etcdserverpb__DeleteRangeRequest req = ETCDSERVERPB__DELETE_RANGE_REQUEST__INIT;
-  req.key.data = (uint8_t *)k.key;
-  req.key.len = k.klen;
-  if (k.end) {
-    req.range_end.data = (uint8_t *)k.end;
-    req.range_end.len = k.elen;
-  }
-  req.prev_kv = o ? o->prev_kv : 0;
   ProtobufCMessage *resp = NULL;
   rc = coord__unary(c, &coord__m_delete, &req.base, o ? o->timeout_ms : 0, &resp);
   keyrange_free(&k);
