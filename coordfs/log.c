@@ -125,7 +125,8 @@ static int wanted(int rc) {
 /* "etcd <call> <detail> -> ok|error (detail) (ms)" */
 static void call_done(int rc, struct timespec t0, const char *call, const char *result, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
-static void call_done(int rc, struct timespec t0, const char *call, const char *result, const char *fmt, ...) {
+static void call_done(int rc, struct timespec t0, const char *call, const char *result, const char *fmt,
+                      ...) {
   int level = expected(rc) ? LOG_DEBUG : LOG_WARNING;
   if (level > cfs_log_level)
     return;
@@ -186,7 +187,8 @@ int __wrap_coord_status(coord_t *c, int timeout_ms, coord_status_t *out) {
 }
 
 int __real_coord_kv_get(coord_t *c, const char *key, const coord_range_opts_t *opts, coord_kv_result_t **out);
-int __wrap_coord_kv_get(coord_t *c, const char *key, const coord_range_opts_t *opts, coord_kv_result_t **out) {
+int __wrap_coord_kv_get(coord_t *c, const char *key, const coord_range_opts_t *opts,
+                        coord_kv_result_t **out) {
   struct timespec t0 = now();
   int rc = __real_coord_kv_get(c, key, opts, out);
   if (wanted(rc)) {
@@ -199,10 +201,10 @@ int __wrap_coord_kv_get(coord_t *c, const char *key, const coord_range_opts_t *o
   return rc;
 }
 
-int __real_coord_kv_put(coord_t *c, const char *key, const void *value, size_t len, const coord_put_opts_t *opts,
-                        coord_kv_result_t **out);
-int __wrap_coord_kv_put(coord_t *c, const char *key, const void *value, size_t len, const coord_put_opts_t *opts,
-                        coord_kv_result_t **out) {
+int __real_coord_kv_put(coord_t *c, const char *key, const void *value, size_t len,
+                        const coord_put_opts_t *opts, coord_kv_result_t **out);
+int __wrap_coord_kv_put(coord_t *c, const char *key, const void *value, size_t len,
+                        const coord_put_opts_t *opts, coord_kv_result_t **out) {
   struct timespec t0 = now();
   int rc = __real_coord_kv_put(c, key, value, len, opts, out);
   if (wanted(rc)) {
@@ -215,14 +217,17 @@ int __wrap_coord_kv_put(coord_t *c, const char *key, const void *value, size_t l
   return rc;
 }
 
-int __real_coord_kv_delete(coord_t *c, const char *key, const coord_range_opts_t *opts, coord_kv_result_t **out);
-int __wrap_coord_kv_delete(coord_t *c, const char *key, const coord_range_opts_t *opts, coord_kv_result_t **out) {
+int __real_coord_kv_delete(coord_t *c, const char *key, const coord_range_opts_t *opts,
+                           coord_kv_result_t **out);
+int __wrap_coord_kv_delete(coord_t *c, const char *key, const coord_range_opts_t *opts,
+                           coord_kv_result_t **out) {
   struct timespec t0 = now();
   int rc = __real_coord_kv_delete(c, key, opts, out);
   if (wanted(rc)) {
     char d[600], res[64] = "";
     if (!rc && out && *out)
-      snprintf(res, sizeof(res), "deleted %lld rev=%lld", (long long)(*out)->count, (long long)(*out)->revision);
+      snprintf(res, sizeof(res), "deleted %lld rev=%lld", (long long)(*out)->count,
+               (long long)(*out)->revision);
     call_done(rc, t0, "DeleteRange", res, "%s", range_desc(d, sizeof(d), key, opts));
   }
   return rc;
@@ -286,8 +291,10 @@ int __wrap_coord_lease_keepalive(coord_t *c, int64_t id, coord_lease_lost_cb los
   return rc;
 }
 
-int __real_coord_watch_create(coord_t *c, const char *key, const coord_watch_opts_t *opts, coord_watch_t **out);
-int __wrap_coord_watch_create(coord_t *c, const char *key, const coord_watch_opts_t *opts, coord_watch_t **out) {
+int __real_coord_watch_create(coord_t *c, const char *key, const coord_watch_opts_t *opts,
+                              coord_watch_t **out);
+int __wrap_coord_watch_create(coord_t *c, const char *key, const coord_watch_opts_t *opts,
+                              coord_watch_t **out) {
   struct timespec t0 = now();
   int rc = __real_coord_watch_create(c, key, opts, out);
   call_done(rc, t0, "Watch", NULL, "%s%s start=%lld%s", key, opts && opts->prefix ? " (prefix)" : "",
@@ -344,8 +351,8 @@ int __wrap_coord_lock_unlock(coord_lock_t *lock) {
   char key[512];
   snprintf(key, sizeof(key), "%s", lock && coord_lock_key(lock) ? coord_lock_key(lock) : "");
   int rc = __real_coord_lock_unlock(lock);
-  call_done(rc == COORD_ELOST ? 0 : rc, t0, "lock release", rc == COORD_ELOST ? "(had been lost)" : NULL, "%s",
-            key);
+  call_done(rc == COORD_ELOST ? 0 : rc, t0, "lock release", rc == COORD_ELOST ? "(had been lost)" : NULL,
+            "%s", key);
   return rc;
 }
 

@@ -176,7 +176,12 @@ typedef enum {
   COORD_CMP_VALUE = 3,
   COORD_CMP_LEASE = 4
 } coord_cmp_target_t;
-typedef enum { COORD_CMP_EQUAL = 0, COORD_CMP_GREATER = 1, COORD_CMP_LESS = 2, COORD_CMP_NOT_EQUAL = 3 } coord_cmp_result_t;
+typedef enum {
+  COORD_CMP_EQUAL = 0,
+  COORD_CMP_GREATER = 1,
+  COORD_CMP_LESS = 2,
+  COORD_CMP_NOT_EQUAL = 3
+} coord_cmp_result_t;
 
 typedef struct coord_cmp {
   const char *key;
@@ -193,10 +198,10 @@ typedef struct coord_op {
   const char *key;
   const void *value; /* put */
   size_t value_len;
-  int64_t lease;  /* put */
-  int prefix;     /* range/delete */
-  int64_t limit;  /* range */
-  int prev_kv;    /* put/delete */
+  int64_t lease; /* put */
+  int prefix;    /* range/delete */
+  int64_t limit; /* range */
+  int prev_kv;   /* put/delete */
   coord_sort_order_t sort_order;
   coord_sort_target_t sort_target;
 } coord_op_t;
@@ -246,11 +251,11 @@ typedef enum { COORD_EVENT_PUT = 0, COORD_EVENT_DELETE = 1 } coord_event_type_t;
 
 typedef struct coord_event {
   coord_event_type_t type;
-  coord_kv_t kv;      /* key (no namespace), value (PUT), revisions */
-  int64_t revision;   /* revision of the change (== kv.mod_revision) */
+  coord_kv_t kv;    /* key (no namespace), value (PUT), revisions */
+  int64_t revision; /* revision of the change (== kv.mod_revision) */
   /* filled by registry and config watches (NULL otherwise): */
-  char *name; /* config: key below /config/; registry: service name */
-  char *id;   /* registry: instance id */
+  char *name;   /* config: key below /config/; registry: service name */
+  char *id;     /* registry: instance id */
   json_t *json; /* config value or instance document; NULL on DELETE */
 } coord_event_t;
 void coord_event_free(coord_event_t *ev);

@@ -46,7 +46,7 @@ int64_t coord__ms_to_ttl_s(int64_t ms);
 
 /* ---------------------------------------------------------------- memory */
 
-void *coord__xmalloc(size_t n);  /* abort on OOM is never used: NULL checked */
+void *coord__xmalloc(size_t n); /* abort on OOM is never used: NULL checked */
 char *coord__strdup(const char *s);
 char *coord__strndup(const char *s, size_t n);
 char *coord__sprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -73,9 +73,9 @@ void coord__endpoints_free(char **ep);
 /* ---------------------------------------------------------------- calls */
 
 typedef struct coord__method {
-  const char *path;                    /* "/etcdserverpb.KV/Range" */
+  const char *path; /* "/etcdserverpb.KV/Range" */
   const ProtobufCMessageDescriptor *resp;
-  int idempotent;                      /* retried after a deadline */
+  int idempotent; /* retried after a deadline */
 } coord__method_t;
 
 extern const coord__method_t coord__m_range, coord__m_put, coord__m_delete, coord__m_txn, coord__m_compact,
@@ -116,7 +116,8 @@ int coord__txn_result_from_pb(coord_t *c, const Etcdserverpb__TxnResponse *pb, c
  * or an answer time + TTL minus a margin for the round trip).  Without it a
  * lease cut off from etcd before its first renewal would never be reported
  * lost. */
-int coord__lease_keepalive_until(coord_t *c, int64_t id, int64_t expires, coord_lease_lost_cb lost, void *arg);
+int coord__lease_keepalive_until(coord_t *c, int64_t id, int64_t expires, coord_lease_lost_cb lost,
+                                 void *arg);
 /* The client's default call timeout (ms). */
 int coord__default_timeout_ms(coord_t *c);
 
@@ -136,8 +137,8 @@ typedef struct coord__watcher coord__watcher_t;
  * ended for good (COORD_ECLOSED on close); no call follows. */
 typedef void (*coord__watch_cb)(void *arg, const coord_event_t *evs, size_t n, int status);
 /* key/range_end relative to the namespace; prefix: every key under key. */
-int coord__watch_add(coord_t *c, const char *key, int prefix, int64_t start_rev, coord__watch_cb cb, void *arg,
-                     coord__watcher_t **out);
+int coord__watch_add(coord_t *c, const char *key, int prefix, int64_t start_rev, coord__watch_cb cb,
+                     void *arg, coord__watcher_t **out);
 /* As coord__watch_add; with_current: first emit the current keys as PUTs. */
 int coord__watch_add_ex(coord_t *c, const char *key, int prefix, int64_t start_rev, int with_current,
                         coord__watch_cb cb, void *arg, coord__watcher_t **out);
@@ -173,10 +174,15 @@ void coord__leases_close(coord_t *c);
  * mutex: the slot is created by the first caller). */
 typedef void *(*coord__slot_new)(coord_t *c);
 void *coord__slot(coord_t *c, int slot, coord__slot_new make);
-enum { COORD__SLOT_LOCKS, COORD__SLOT_REGISTRY, COORD__SLOT_RESOLVER, COORD__SLOT_WATCH, COORD__SLOT_LEASE,
-       COORD__SLOT_MAX };
+enum {
+  COORD__SLOT_LOCKS,
+  COORD__SLOT_REGISTRY,
+  COORD__SLOT_RESOLVER,
+  COORD__SLOT_WATCH,
+  COORD__SLOT_LEASE,
+  COORD__SLOT_MAX
+};
 void *coord__slot_get(coord_t *c, int slot); /* NULL if never made */
-
 
 /* ---------------------------------------------------------------- streams */
 

@@ -75,7 +75,8 @@ static int result_from_put(coord_t *c, const Etcdserverpb__PutResponse *pb, coor
   return 0;
 }
 
-static int result_from_delete(coord_t *c, const Etcdserverpb__DeleteRangeResponse *pb, coord_kv_result_t **out) {
+static int result_from_delete(coord_t *c, const Etcdserverpb__DeleteRangeResponse *pb,
+                              coord_kv_result_t **out) {
   coord_kv_result_t *r = calloc(1, sizeof *r);
   if (!r)
     return coord__err(COORD_ENOMEM, "out of memory");
@@ -171,8 +172,8 @@ static void kv_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg) {
   free(k);
 }
 
-static int start_kv(coord_t *c, int kind, const coord__method_t *m, const ProtobufCMessage *req, int timeout_ms,
-                    coord__kv_cb cb, void *arg) {
+static int start_kv(coord_t *c, int kind, const coord__method_t *m, const ProtobufCMessage *req,
+                    int timeout_ms, coord__kv_cb cb, void *arg) {
   kv_ctx_t *k = malloc(sizeof *k);
   if (!k)
     return coord__err(COORD_ENOMEM, "out of memory");
@@ -192,7 +193,8 @@ static int start_kv(coord_t *c, int kind, const coord__method_t *m, const Protob
 static int range_build(coord_t *c, const char *key, const coord_range_opts_t *o, const char *fn,
                        Etcdserverpb__RangeRequest *req, keyrange_t *k) {
   int rc = check_key(key, o && (o->prefix || o->range_end), fn);
-  if (rc || (rc = check_range_opts(o, fn)) || (rc = keyrange_make(c, key, o && o->prefix, o ? o->range_end : NULL, k)))
+  if (rc || (rc = check_range_opts(o, fn)) ||
+      (rc = keyrange_make(c, key, o && o->prefix, o ? o->range_end : NULL, k)))
     return rc;
   etcdserverpb__range_request__init(req);
   fill_range(req, k, o);
@@ -259,7 +261,8 @@ int coord__put_async(coord_t *c, const char *key, const void *value, size_t len,
   return rc;
 }
 
-int coord__delete_async(coord_t *c, const char *key, const coord_range_opts_t *o, coord__kv_cb cb, void *arg) {
+int coord__delete_async(coord_t *c, const char *key, const coord_range_opts_t *o, coord__kv_cb cb,
+                        void *arg) {
   Etcdserverpb__DeleteRangeRequest req;
   keyrange_t k;
   int rc = delete_build(c, key, o, "delete", &req, &k);
@@ -293,7 +296,8 @@ static void op_free(Etcdserverpb__RequestOp *op) {
     free(op->request_delete_range->range_end.data);
     free(op->request_delete_range);
     break;
-  default: break;
+  default:
+    break;
   }
   free(op);
 }
@@ -474,11 +478,15 @@ int coord__txn_result_from_pb(coord_t *c, const Etcdserverpb__TxnResponse *pb, c
     case ETCDSERVERPB__RESPONSE_OP__RESPONSE_RESPONSE_RANGE:
       rc = result_from_range(c, op->response_range, &kr);
       break;
-    case ETCDSERVERPB__RESPONSE_OP__RESPONSE_RESPONSE_PUT: rc = result_from_put(c, op->response_put, &kr); break;
+    case ETCDSERVERPB__RESPONSE_OP__RESPONSE_RESPONSE_PUT:
+      rc = result_from_put(c, op->response_put, &kr);
+      break;
     case ETCDSERVERPB__RESPONSE_OP__RESPONSE_RESPONSE_DELETE_RANGE:
       rc = result_from_delete(c, op->response_delete_range, &kr);
       break;
-    default: kr = calloc(1, sizeof *kr); break;
+    default:
+      kr = calloc(1, sizeof *kr);
+      break;
     }
     if (!rc && !kr)
       rc = coord__err(COORD_ENOMEM, "out of memory");

@@ -177,7 +177,8 @@ static void ka_message(coord__stream_t *s, ProtobufCMessage *msg, void *arg) {
   }
   pthread_mutex_unlock(&ls->mu);
   if (lost.id)
-    coord__err(COORD_ELOST, "lease %llx expired or revoked", (unsigned long long)lost.id), call_lost(&lost, 1);
+    coord__err(COORD_ELOST, "lease %llx expired or revoked", (unsigned long long)lost.id),
+        call_lost(&lost, 1);
 }
 
 static void ka_end(coord__stream_t *s, int status, void *arg) {
@@ -261,7 +262,8 @@ int coord_lease_keepalive(coord_t *c, int64_t id, coord_lease_lost_cb lost, void
   return coord__lease_keepalive_until(c, id, INT64_MAX, lost, arg);
 }
 
-int coord__lease_keepalive_until(coord_t *c, int64_t id, int64_t expires, coord_lease_lost_cb lost, void *arg) {
+int coord__lease_keepalive_until(coord_t *c, int64_t id, int64_t expires, coord_lease_lost_cb lost,
+                                 void *arg) {
   if (!c || id <= 0)
     return coord__err(COORD_EINVAL, "coord_lease_keepalive: NULL client or bad lease id");
   leases_t *ls = leases(c);

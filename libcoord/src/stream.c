@@ -182,8 +182,9 @@ static void status_done(coord__tag_t *t, int ok) {
   unref_unlock(s);
 }
 
-coord__stream_t *coord__stream_open(coord_t *c, int ep, const char *path, const ProtobufCMessageDescriptor *resp,
-                                    int hasleader, const coord__stream_ops_t *ops, void *arg) {
+coord__stream_t *coord__stream_open(coord_t *c, int ep, const char *path,
+                                    const ProtobufCMessageDescriptor *resp, int hasleader,
+                                    const coord__stream_ops_t *ops, void *arg) {
   coord__stream_t *s = calloc(1, sizeof *s);
   if (!s)
     return NULL;

@@ -17,8 +17,9 @@ typedef struct coord__stream_ops {
   void (*on_end)(coord__stream_t *s, int status, void *arg);
 } coord__stream_ops_t;
 
-coord__stream_t *coord__stream_open(coord_t *c, int ep, const char *path, const ProtobufCMessageDescriptor *resp,
-                                    int hasleader, const coord__stream_ops_t *ops, void *arg);
+coord__stream_t *coord__stream_open(coord_t *c, int ep, const char *path,
+                                    const ProtobufCMessageDescriptor *resp, int hasleader,
+                                    const coord__stream_ops_t *ops, void *arg);
 /* Queues a message (thread-safe); COORD_EUNAVAILABLE once the stream broke. */
 int coord__stream_send(coord__stream_t *s, const ProtobufCMessage *m);
 void coord__stream_cancel(coord__stream_t *s);

@@ -56,8 +56,8 @@ struct coord_s {
   unsigned int seed;
 
   pthread_mutex_t slot_mu; /* serialises subsystem creation */
-  pthread_mutex_t mu; /* see the file comment */
-  pthread_cond_t cv;  /* signalled when calls drain */
+  pthread_mutex_t mu;      /* see the file comment */
+  pthread_cond_t cv;       /* signalled when calls drain */
   int cur;
   char *token;
   timer_t_ *timers;
@@ -71,13 +71,14 @@ struct coord_s {
 
 /* ---------------------------------------------------------------- methods */
 
-const coord__method_t coord__m_range = {"/etcdserverpb.KV/Range", &etcdserverpb__range_response__descriptor, 2};
+const coord__method_t coord__m_range = {"/etcdserverpb.KV/Range", &etcdserverpb__range_response__descriptor,
+                                        2};
 const coord__method_t coord__m_put = {"/etcdserverpb.KV/Put", &etcdserverpb__put_response__descriptor, 1};
 const coord__method_t coord__m_delete = {"/etcdserverpb.KV/DeleteRange",
                                          &etcdserverpb__delete_range_response__descriptor, 1};
 const coord__method_t coord__m_txn = {"/etcdserverpb.KV/Txn", &etcdserverpb__txn_response__descriptor, 0};
-const coord__method_t coord__m_compact = {"/etcdserverpb.KV/Compact", &etcdserverpb__compaction_response__descriptor,
-                                          1};
+const coord__method_t coord__m_compact = {"/etcdserverpb.KV/Compact",
+                                          &etcdserverpb__compaction_response__descriptor, 1};
 const coord__method_t coord__m_lease_grant = {"/etcdserverpb.Lease/LeaseGrant",
                                               &etcdserverpb__lease_grant_response__descriptor, 1};
 const coord__method_t coord__m_lease_revoke = {"/etcdserverpb.Lease/LeaseRevoke",
@@ -232,7 +233,8 @@ static int make_credentials(coord_t *c, int tls) {
   char *ca = NULL, *cert = NULL, *key = NULL;
   if (c->cfg.ca_file && !(ca = read_file(c->cfg.ca_file, &rc)))
     goto out;
-  if (c->cfg.cert_file && (!(cert = read_file(c->cfg.cert_file, &rc)) || !(key = read_file(c->cfg.key_file, &rc))))
+  if (c->cfg.cert_file &&
+      (!(cert = read_file(c->cfg.cert_file, &rc)) || !(key = read_file(c->cfg.key_file, &rc))))
     goto out;
   grpc_ssl_pem_key_cert_pair pair = {key, cert};
   c->creds = grpc_ssl_credentials_create(ca, cert ? &pair : NULL, NULL, NULL);
@@ -251,17 +253,23 @@ out:
 static grpc_channel *make_channel(coord_t *c, const char *ep) {
   grpc_arg args[8];
   int n = 0;
-  args[n].type = GRPC_ARG_INTEGER, args[n].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, args[n++].value.integer = -1;
+  args[n].type = GRPC_ARG_INTEGER, args[n].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
+  args[n++].value.integer = -1;
   args[n].type = GRPC_ARG_INTEGER, args[n].key = GRPC_ARG_KEEPALIVE_TIME_MS, args[n++].value.integer = 6000;
-  args[n].type = GRPC_ARG_INTEGER, args[n].key = GRPC_ARG_KEEPALIVE_TIMEOUT_MS, args[n++].value.integer = 3000;
-  args[n].type = GRPC_ARG_INTEGER, args[n].key = GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, args[n++].value.integer = 0;
+  args[n].type = GRPC_ARG_INTEGER, args[n].key = GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+  args[n++].value.integer = 3000;
+  args[n].type = GRPC_ARG_INTEGER, args[n].key = GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA,
+  args[n++].value.integer = 0;
   args[n].type = GRPC_ARG_INTEGER, args[n].key = GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS,
   args[n++].value.integer = 100;
-  args[n].type = GRPC_ARG_INTEGER, args[n].key = GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, args[n++].value.integer = 100;
-  args[n].type = GRPC_ARG_INTEGER, args[n].key = GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, args[n++].value.integer = 1000;
+  args[n].type = GRPC_ARG_INTEGER, args[n].key = GRPC_ARG_MIN_RECONNECT_BACKOFF_MS,
+  args[n++].value.integer = 100;
+  args[n].type = GRPC_ARG_INTEGER, args[n].key = GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
+  args[n++].value.integer = 1000;
   /* One subchannel per client channel: do not share connections with other
    * coord_t in the process (each has its own failover state). */
-  args[n].type = GRPC_ARG_INTEGER, args[n].key = GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, args[n++].value.integer = 1;
+  args[n].type = GRPC_ARG_INTEGER, args[n].key = GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL,
+  args[n++].value.integer = 1;
   grpc_channel_args ca = {(size_t)n, args};
   char *target = coord__sprintf("dns:///%s", ep);
   if (!target)
@@ -482,17 +490,32 @@ int coord__status_err(grpc_status_code st, grpc_slice details, const char *what)
   const char *d = (const char *)GRPC_SLICE_START_PTR(details);
   int code;
   switch (st) {
-  case GRPC_STATUS_OK: return 0;
-  case GRPC_STATUS_UNAVAILABLE: code = COORD_EUNAVAILABLE; break;
-  case GRPC_STATUS_DEADLINE_EXCEEDED: code = COORD_ETIMEDOUT; break;
-  case GRPC_STATUS_PERMISSION_DENIED: code = COORD_EACCES; break;
-  case GRPC_STATUS_UNAUTHENTICATED: code = COORD_EAUTH; break;
+  case GRPC_STATUS_OK:
+    return 0;
+  case GRPC_STATUS_UNAVAILABLE:
+    code = COORD_EUNAVAILABLE;
+    break;
+  case GRPC_STATUS_DEADLINE_EXCEEDED:
+    code = COORD_ETIMEDOUT;
+    break;
+  case GRPC_STATUS_PERMISSION_DENIED:
+    code = COORD_EACCES;
+    break;
+  case GRPC_STATUS_UNAUTHENTICATED:
+    code = COORD_EAUTH;
+    break;
   case GRPC_STATUS_RESOURCE_EXHAUSTED:
     code = contains(details, "too many requests") ? COORD_EUNAVAILABLE : COORD_ETOOBIG;
     break;
-  case GRPC_STATUS_NOT_FOUND: code = COORD_ENOTFOUND; break;
-  case GRPC_STATUS_CANCELLED: code = COORD_ECANCELED; break;
-  case GRPC_STATUS_OUT_OF_RANGE: code = contains(details, "compacted") ? COORD_ECOMPACTED : COORD_EINVAL; break;
+  case GRPC_STATUS_NOT_FOUND:
+    code = COORD_ENOTFOUND;
+    break;
+  case GRPC_STATUS_CANCELLED:
+    code = COORD_ECANCELED;
+    break;
+  case GRPC_STATUS_OUT_OF_RANGE:
+    code = contains(details, "compacted") ? COORD_ECOMPACTED : COORD_EINVAL;
+    break;
   case GRPC_STATUS_INVALID_ARGUMENT:
     if (contains(details, "too large"))
       code = COORD_ETOOBIG;
@@ -504,7 +527,9 @@ int coord__status_err(grpc_status_code st, grpc_slice details, const char *what)
   case GRPC_STATUS_FAILED_PRECONDITION:
     code = contains(details, "authentication") ? COORD_EAUTH : COORD_EIO;
     break;
-  default: code = COORD_EIO; break;
+  default:
+    code = COORD_EIO;
+    break;
   }
   return coord__err(code, "%s: %.*s (grpc status %d)", what, len, d, (int)st);
 }
@@ -590,7 +615,8 @@ static int retryable(const unary_t *u, int code, grpc_slice details) {
       return 1;
     /* A Txn is retried only when etcd certainly did not apply it. */
     return contains(details, "no leader") || contains(details, "failed to connect") ||
-           contains(details, "Connection refused") || contains(details, "connections to all backends failing");
+           contains(details, "Connection refused") ||
+           contains(details, "connections to all backends failing");
   }
   return code == COORD_ETIMEDOUT && u->m->idempotent == 2;
 }
@@ -646,8 +672,8 @@ static int unary_decide(unary_t *u, int ok, ProtobufCMessage **resp, int *code, 
     return D_RETRY;
   }
   if (*code == COORD_EUNAVAILABLE && u->attempt > 1)
-    *code = coord__err(COORD_EUNAVAILABLE, "%s: no endpoint answered after %d attempts (last: %s)", u->m->path,
-                       u->attempt, coord_last_error());
+    *code = coord__err(COORD_EUNAVAILABLE, "%s: no endpoint answered after %d attempts (last: %s)",
+                       u->m->path, u->attempt, coord_last_error());
   attempt_reset(u);
   return D_FAIL;
 }
@@ -658,10 +684,18 @@ static void unary_done(coord__tag_t *tag, int ok) {
   int code = 0;
   int64_t delay = 0;
   switch (unary_decide(u, ok, &resp, &code, &delay)) {
-  case D_OK: unary_finish(u, 0, resp); break;
-  case D_FAIL: unary_finish(u, code, NULL); break;
-  case D_RETRY: coord__after(u->c, delay, unary_attempt, u); break;
-  case D_REAUTH: coord__reauth_async(u->c, reauth_then_retry, u); break;
+  case D_OK:
+    unary_finish(u, 0, resp);
+    break;
+  case D_FAIL:
+    unary_finish(u, code, NULL);
+    break;
+  case D_RETRY:
+    coord__after(u->c, delay, unary_attempt, u);
+    break;
+  case D_REAUTH:
+    coord__reauth_async(u->c, reauth_then_retry, u);
+    break;
   }
 }
 
@@ -713,8 +747,8 @@ static int attempt_start(coord_t *c, unary_t *u) {
       dl = now + slice;
   }
   grpc_slice method = grpc_slice_from_static_string(u->m->path);
-  u->call =
-      grpc_channel_create_call(c->ch[u->ep], NULL, GRPC_PROPAGATE_DEFAULTS, u->cq, method, NULL, abs_deadline(dl), NULL);
+  u->call = grpc_channel_create_call(c->ch[u->ep], NULL, GRPC_PROPAGATE_DEFAULTS, u->cq, method, NULL,
+                                     abs_deadline(dl), NULL);
   grpc_slice_unref(method);
   u->nmd = coord__call_metadata(c, u->md, 0);
   u->send = grpc_raw_byte_buffer_create(&u->payload, 1);
@@ -929,7 +963,8 @@ static int authenticate(coord_t *c) {
   int rc = coord__unary(c, &coord__m_auth, &req.base, c->cfg.dial_timeout_ms, &resp);
   if (rc) {
     if (rc == COORD_EAUTH || rc == COORD_EINVAL)
-      return coord__err(COORD_EAUTH, "authentication as '%s' failed: %s", c->cfg.username, coord_last_error());
+      return coord__err(COORD_EAUTH, "authentication as '%s' failed: %s", c->cfg.username,
+                        coord_last_error());
     return rc;
   }
   char *tok = coord__strdup(((Etcdserverpb__AuthenticateResponse *)resp)->token);
@@ -986,7 +1021,7 @@ __attribute__((weak)) void coord__resolver_close(coord_t *c) {
 static int copy_cfg(coord_t *c, const coord_config_t *cfg) {
   c->cfg = *cfg;
   const char **fields[] = {&c->cfg.endpoints, &c->cfg.username, &c->cfg.password, &c->cfg.ca_file,
-                           &c->cfg.cert_file, &c->cfg.key_file,  &c->cfg.prefix};
+                           &c->cfg.cert_file, &c->cfg.key_file, &c->cfg.prefix};
   for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
     if (!*fields[i])
       continue;

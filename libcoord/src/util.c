@@ -21,28 +21,50 @@ static __thread char err_detail[512];
 
 const char *coord_strerror(int err) {
   switch (err) {
-  case COORD_OK: return "success";
-  case COORD_EINVAL: return "invalid argument";
-  case COORD_ENOMEM: return "out of memory";
-  case COORD_EUNAVAILABLE: return "etcd unavailable";
-  case COORD_ETIMEDOUT: return "timed out";
-  case COORD_EACCES: return "permission denied by etcd";
-  case COORD_EAUTH: return "authentication failed";
-  case COORD_ENOTFOUND: return "not found";
-  case COORD_ELOCKED: return "lock is held";
-  case COORD_ECONFLICT: return "conflicting change";
-  case COORD_ETOOBIG: return "request too large";
-  case COORD_ELOST: return "lock or lease lost";
-  case COORD_ECANCELED: return "cancelled";
-  case COORD_ECOMPACTED: return "revision compacted";
-  case COORD_ECLOSED: return "closed";
-  case COORD_ENOTSUP: return "not supported";
-  case COORD_EPROTO: return "protocol error";
-  case COORD_EFORMAT: return "bad value format";
-  case COORD_EIO: return "I/O error";
-  case COORD_EEXIST: return "already exists";
-  case COORD_ETLS: return "TLS error";
-  default: return "unknown error";
+  case COORD_OK:
+    return "success";
+  case COORD_EINVAL:
+    return "invalid argument";
+  case COORD_ENOMEM:
+    return "out of memory";
+  case COORD_EUNAVAILABLE:
+    return "etcd unavailable";
+  case COORD_ETIMEDOUT:
+    return "timed out";
+  case COORD_EACCES:
+    return "permission denied by etcd";
+  case COORD_EAUTH:
+    return "authentication failed";
+  case COORD_ENOTFOUND:
+    return "not found";
+  case COORD_ELOCKED:
+    return "lock is held";
+  case COORD_ECONFLICT:
+    return "conflicting change";
+  case COORD_ETOOBIG:
+    return "request too large";
+  case COORD_ELOST:
+    return "lock or lease lost";
+  case COORD_ECANCELED:
+    return "cancelled";
+  case COORD_ECOMPACTED:
+    return "revision compacted";
+  case COORD_ECLOSED:
+    return "closed";
+  case COORD_ENOTSUP:
+    return "not supported";
+  case COORD_EPROTO:
+    return "protocol error";
+  case COORD_EFORMAT:
+    return "bad value format";
+  case COORD_EIO:
+    return "I/O error";
+  case COORD_EEXIST:
+    return "already exists";
+  case COORD_ETLS:
+    return "TLS error";
+  default:
+    return "unknown error";
   }
 }
 

@@ -61,9 +61,9 @@ struct coord__watcher {
   int64_t next_rev;
   int state;
   int with_current;
-  int in_cb;  /* callbacks running + reads in flight that use this watcher */
-  int orphan; /* removed from the event thread while in_cb > 0: the last
-               * reference frees it */
+  int in_cb;   /* callbacks running + reads in flight that use this watcher */
+  int orphan;  /* removed from the event thread while in_cb > 0: the last
+                * reference frees it */
   void *known; /* tsearch tree of known_key_t */
   coord__watch_cb cb;
   void *arg;
@@ -502,7 +502,8 @@ static void on_response(coord__stream_t *s, ProtobufCMessage *msg, void *arg) {
       continue;
     ev->type = e->type == MVCCPB__EVENT__EVENT_TYPE__DELETE ? COORD_EVENT_DELETE : COORD_EVENT_PUT;
     ev->revision = e->kv->mod_revision;
-    known_set(w, (const char *)e->kv->key.data, e->kv->key.len, ev->type == COORD_EVENT_PUT ? ev->revision : -1);
+    known_set(w, (const char *)e->kv->key.data, e->kv->key.len,
+              ev->type == COORD_EVENT_PUT ? ev->revision : -1);
     n++;
   }
   if (n)
@@ -603,8 +604,8 @@ int coord__watch_add_ex(coord_t *c, const char *key, int prefix, int64_t start_r
   return 0;
 }
 
-int coord__watch_add(coord_t *c, const char *key, int prefix, int64_t start_rev, coord__watch_cb cb, void *arg,
-                     coord__watcher_t **out) {
+int coord__watch_add(coord_t *c, const char *key, int prefix, int64_t start_rev, coord__watch_cb cb,
+                     void *arg, coord__watcher_t **out) {
   return coord__watch_add_ex(c, key, prefix, start_rev, 0, cb, arg, out);
 }
 

@@ -26,14 +26,14 @@
 #include <time.h>
 #include <unistd.h>
 
-#define CHECK(cond, ...)                                                                                          \
-  do {                                                                                                          \
-    if (!(cond)) {                                                                                              \
-      fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                                          \
-      fprintf(stderr, __VA_ARGS__);                                                                             \
-      fprintf(stderr, " [%s]\n", coord_last_error());                                                           \
-      exit(1);                                                                                                  \
-    }                                                                                                           \
+#define CHECK(cond, ...)                                                                                     \
+  do {                                                                                                       \
+    if (!(cond)) {                                                                                           \
+      fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);                                        \
+      fprintf(stderr, __VA_ARGS__);                                                                          \
+      fprintf(stderr, " [%s]\n", coord_last_error());                                                        \
+      exit(1);                                                                                               \
+    }                                                                                                        \
   } while (0)
 
 static coord_t *client(void) {
