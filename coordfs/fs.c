@@ -942,7 +942,10 @@ static void op_flock(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, 
   if (f->kind == FK_LOCK)
     locks_flock(req, f, op);
   else
-    fuse_reply_err(req, 0); /* advisory locks outside /locks are not kept */
+    /* With flock forwarded to the daemon (for /locks), the kernel no longer
+     * keeps flocks on other files: refuse rather than pretend to lock.  A
+     * distributed lock is a file under /locks. */
+    fuse_reply_err(req, ENOLCK);
 }
 
 static void op_getlk(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, struct flock *lock) {

@@ -428,3 +428,17 @@ def test_reads_from_cache_while_etcd_down(etcd, coordfs_mount):
     assert sorted(os.listdir(C(m))) == ["k"]
     assert time.monotonic() - t0 < 5
     etcd.start_member(0)
+
+
+def test_flock_outside_locks_is_refused_not_faked(etcd, coordfs_mount):
+    """flock on a /config file is refused with ENOLCK (a distributed lock is
+    a file under /locks); it must never pretend to lock."""
+    import fcntl
+    m = coordfs_mount(etcd)
+    path = os.path.join(m.path, "config", "lockme")
+    with open(path, "w") as f:
+        f.write("x")
+    with open(path) as f:
+        with pytest.raises(OSError) as e:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert e.value.errno == errno.ENOLCK
