@@ -142,6 +142,7 @@ build-fuzz/fuzz/%: tests/fuzz/%.c $(LIBA)
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -fsanitize=fuzzer -o $@ $< $(LIBA) $(LDFLAGS) $(PKG_LIBS_CORE)
 # fuzz_coordfs_cache.c compiles coordfs's pure cache.c in (#include)
+build-fuzz/fuzz/fuzz_coordfs_opts: coordfs/opts.c coordfs/coordfs.h
 build-fuzz/fuzz/fuzz_coordfs_cache: coordfs/cache.c coordfs/coordfs.h
 
 # The C unit tests and the C test programs under valgrind memcheck

@@ -153,6 +153,9 @@ void cache_children(struct cfs_cache *c, const char *dir,
                     void (*fn)(struct cfs_node *n, const char *name, void *arg), void *arg);
 /* 1 if key (relative to the tree) can be shown as a file path. */
 int cfs_key_ok(const char *key, size_t len);
+/* opts.c: pure parsers of command-line durations and lock names. */
+int cfs_parse_ms(const char *s);
+int cfs_lock_name_ok(const char *name);
 /* getxattr (name) or listxattr (name NULL) of a key's metadata; n NULL: not
  * a key.  Returns the length or -errno; size 0 asks for the length. */
 int cache_xattr(const struct cfs_node *n, const char *name, char *buf, size_t size);

@@ -152,11 +152,6 @@ static struct {
 
 /* ---------------------------------------------------------------- helpers */
 
-static int name_ok(const char *name) {
-  size_t n = strlen(name);
-  return n > 0 && n <= 255 && !strchr(name, '/') && strcmp(name, ".") && strcmp(name, "..");
-}
-
 static void lkf_free(struct lkf *l) {
   if (l->ph)
     fuse_pollhandle_destroy(l->ph);
@@ -561,7 +556,7 @@ void locks_conn_init(struct fuse_conn_info *conn) {
 
 int locks_stat(const char *rel, struct stat *st) {
   (void)st; /* fs.c's regular file 0644, size 0 */
-  return name_ok(rel) ? 0 : -ENOENT;
+  return cfs_lock_name_ok(rel) ? 0 : -ENOENT;
 }
 
 struct name_set {
@@ -597,7 +592,7 @@ int locks_list(void (*fill)(const char *name, mode_t mode, void *arg), void *arg
     if (nl > 255 || memchr(name, 0, nl) || name_seen(&s, name, nl))
       continue;
     char *copy = strndup(name, nl);
-    if (!copy || !name_ok(copy)) {
+    if (!copy || !cfs_lock_name_ok(copy)) {
       free(copy);
       continue;
     }
@@ -625,7 +620,7 @@ int locks_list(void (*fill)(const char *name, mode_t mode, void *arg), void *arg
 }
 
 void locks_open(fuse_req_t req, const char *rel, struct cfs_file *f, struct fuse_file_info *fi, int create) {
-  if (!name_ok(rel)) {
+  if (!cfs_lock_name_ok(rel)) {
     fi->fh = 0;
     cfs_file_free(f);
     fuse_reply_err(req, strchr(rel, '/') ? EINVAL : ENOENT);

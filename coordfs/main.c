@@ -191,18 +191,6 @@ static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outa
 }
 
 /* "10", "10s", "500ms" -> ms; -1 if malformed. */
-static int parse_ms(const char *s) {
-  char *end;
-  double v = strtod(s, &end);
-  if (end == s || v < 0)
-    return -1;
-  if (!*end || !strcmp(end, "s"))
-    return (int)(v * 1000);
-  if (!strcmp(end, "ms"))
-    return (int)v;
-  return -1;
-}
-
 static char *read_password(const char *file) {
   FILE *f = fopen(file, "r");
   if (!f)
@@ -296,15 +284,15 @@ int main(int argc, char **argv) {
     usage(stderr);
     return 2;
   }
-  if (raw.lock_ttl && (g.o.lock_ttl_ms = parse_ms(raw.lock_ttl)) <= 0) {
+  if (raw.lock_ttl && (g.o.lock_ttl_ms = cfs_parse_ms(raw.lock_ttl)) <= 0) {
     fprintf(stderr, "coordfs: bad --lock-ttl '%s'\n", raw.lock_ttl);
     return 2;
   }
-  if (raw.service_ttl && (g.o.service_ttl_ms = parse_ms(raw.service_ttl)) <= 0) {
+  if (raw.service_ttl && (g.o.service_ttl_ms = cfs_parse_ms(raw.service_ttl)) <= 0) {
     fprintf(stderr, "coordfs: bad --service-ttl '%s'\n", raw.service_ttl);
     return 2;
   }
-  if (raw.timeout && (g.o.timeout_ms = parse_ms(raw.timeout)) <= 0) {
+  if (raw.timeout && (g.o.timeout_ms = cfs_parse_ms(raw.timeout)) <= 0) {
     fprintf(stderr, "coordfs: bad --timeout '%s'\n", raw.timeout);
     return 2;
   }
