@@ -73,7 +73,8 @@ static size_t max_value(const char *key) {
 int config_load(void) {
   coord_range_opts_t ro = {.prefix = 1, .timeout_ms = g.o.timeout_ms};
   coord_kv_result_t *r = NULL;
-  int rc = coord_kv_get(g.c, CONFIG_PREFIX, &ro, &r);
+  /* the whole of /config/, or only the --subtree (keys keep their path) */
+  int rc = coord_kv_get(g.c, g.o.config_root ? g.o.config_root : CONFIG_PREFIX, &ro, &r);
   if (rc)
     return rc;
   pthread_mutex_lock(&g.lock);

@@ -83,6 +83,8 @@ struct cfs_opts {
   char *password; /* from the file or $COORD_PASSWORD, never from argv */
   char *cacert, *cert, *key;
   char *prefix;
+  char *subtree;     /* --subtree: load and watch only /config/<subtree>/ */
+  char *config_root; /* "/config/" or "/config/<subtree>/" (set by main) */
   int lock_ttl_ms;
   int service_ttl_ms;
   int timeout_ms; /* per etcd call (0: libcoord default) */

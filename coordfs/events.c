@@ -462,7 +462,10 @@ static void apply_event(int which, const coord_event_t *ev, const char *rel, siz
 
 static int open_watch(int k, int64_t start) {
   coord_watch_opts_t wo = {.prefix = 1, .start_revision = start};
-  int rc = coord_watch_create(g.c, watch_prefix[k], &wo, &watches[k]);
+  /* with --subtree, /config is watched below the subtree only; events keep
+   * their path relative to watch_prefix (see handle) */
+  const char *p = k == S_CONFIG && g.o.config_root ? g.o.config_root : watch_prefix[k];
+  int rc = coord_watch_create(g.c, p, &wo, &watches[k]);
   if (rc)
     watches[k] = NULL;
   return rc;

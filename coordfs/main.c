@@ -75,6 +75,9 @@ static const struct fuse_opt opts_spec[] = {
     O("--key %s", key),
     O("--key=%s", key),
     O("key=%s", key),
+    O("--subtree %s", subtree),
+    O("--subtree=%s", subtree),
+    O("subtree=%s", subtree),
     O("--prefix %s", prefix),
     O("--prefix=%s", prefix),
     O("prefix=%s", prefix),
@@ -132,6 +135,8 @@ static void usage(FILE *f) {
       "  --password-file=F    file whose first line is the password\n"
       "  --cacert=F --cert=F --key=F   TLS\n"
       "  --prefix=P           namespace prefix before every key\n"
+      "  --subtree=PATH       load and watch only /config/PATH/ (for an etcd\n"
+      "                       user whose role covers that subtree alone)\n"
       "  --lock-ttl=T         lease TTL of locks taken through /locks (default 10s)\n"
       "  --service-ttl=T      lease TTL of registrations through /services (default 10s)\n"
       "  --timeout=T          deadline of each etcd call (default 5s)\n"
@@ -284,6 +289,19 @@ int main(int argc, char **argv) {
     usage(stderr);
     return 2;
   }
+  if (g.o.subtree) {
+    size_t n = strlen(g.o.subtree);
+    while (n && g.o.subtree[n - 1] == '/')
+      g.o.subtree[--n] = '\0';
+    if (!cfs_key_ok(g.o.subtree, n)) {
+      fprintf(stderr, "coordfs: bad --subtree '%s': a config path such as app or app/db\n", g.o.subtree);
+      return 2;
+    }
+    if (asprintf(&g.o.config_root, "/config/%s/", g.o.subtree) < 0)
+      return 1;
+  } else {
+    g.o.config_root = strdup("/config/");
+  }
   if (raw.lock_ttl && (g.o.lock_ttl_ms = cfs_parse_ms(raw.lock_ttl)) <= 0) {
     fprintf(stderr, "coordfs: bad --lock-ttl '%s'\n", raw.lock_ttl);
     return 2;
@@ -371,8 +389,9 @@ int main(int argc, char **argv) {
   for (int i = 0; i < 2; i++) {
     rc = i == 0 ? config_load() : services_load();
     if (rc == COORD_EACCES) {
-      fprintf(stderr, "coordfs: warning: no permission to read %s in etcd; it shows empty\n",
-              i == 0 ? "/config/" : "/services/");
+      fprintf(stderr, "coordfs: warning: no permission to read %s in etcd; it shows empty%s\n",
+              i == 0 ? g.o.config_root : "/services/",
+              i == 0 && !g.o.subtree ? " (--subtree limits the mount to what the user may read)" : "");
     } else if (rc) {
       fprintf(stderr, "coordfs: cannot read from etcd at %s: %s%s%s\n", g.o.endpoints, coord_strerror(rc),
               *coord_last_error() ? ": " : "", coord_last_error());

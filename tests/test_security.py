@@ -126,6 +126,35 @@ def test_auth_user_limited_to_config_app(etcd, coordfs_mount, tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_auth_user_with_only_config_app_and_subtree(etcd, coordfs_mount, tmp_path):
+    """A role that covers /config/app/ and nothing else: with --subtree app
+    the mount loads and watches only that subtree; reads, writes and live
+    changes work there, every write elsewhere gets EACCES."""
+    etcd.put("/config/app/x", "1")
+    etcd.put("/config/other", "2")
+    etcd.enable_auth()
+    etcd.add_user("bob", PASSWORD, prefix="/config/app/")  # no other grant
+    pf = tmp_path / "pw"
+    pf.write_text(PASSWORD + "\n")
+    os.chmod(pf, 0o600)
+    m = coordfs_mount(etcd, "--user", "bob", "--password-file", str(pf), "--subtree", "app")
+    cfg = m.join("config")
+    assert sorted(os.listdir(cfg)) == ["app"]  # /config/other is not this user's to see
+    assert open(os.path.join(cfg, "app", "x")).read() == "1"
+    assert write(os.path.join(cfg, "app", "y"), "new") == 0
+    assert etcd.get("/config/app/y") == "new"
+    etcd.put("/config/app/x", "from-elsewhere")  # as root: reaches the mount's watch
+    wait_for(lambda: open(os.path.join(cfg, "app", "x")).read() == "from-elsewhere", 5,
+             what="a change made elsewhere")
+    assert write(os.path.join(cfg, "newkey"), "mine") == errno.EACCES
+    assert err_of(os.rename, os.path.join(cfg, "app", "y"), os.path.join(cfg, "moved")) == errno.EACCES
+    assert etcd.get("/config/newkey") is None and etcd.get("/config/moved") is None
+    assert etcd.get("/config/other") == "2"
+    m.unmount()
+    assert PASSWORD not in m.log()
+
+
+@pytest.mark.timeout(120)
 def test_auth_wrong_password_fails_clearly(etcd, tmp_path, open_dir):
     auth_setup(etcd, tmp_path)
     bad = tmp_path / "bad"
