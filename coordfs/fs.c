@@ -164,6 +164,17 @@ static char *join(const char *dir, const char *name) {
   return p;
 }
 
+/* The path of name in directory parent, or NULL after answering the request
+ * (ESTALE: the kernel's parent is no longer known; ENOMEM). */
+static char *child_path(fuse_req_t req, fuse_ino_t parent, const char *name) {
+  char *dir = path_of(parent);
+  char *path = dir ? join(dir, name) : NULL;
+  if (!path)
+    fuse_reply_err(req, dir ? ENOMEM : ESTALE);
+  free(dir);
+  return path;
+}
+
 /* ---------------------------------------------------------------- helpers */
 
 enum tree { T_ROOT, T_CONFIG, T_SERVICES, T_LOCKS, T_EVENTS, T_STATUS, T_NONE };
@@ -426,13 +437,9 @@ static void op_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
     fuse_reply_err(req, ENAMETOOLONG);
     return;
   }
-  char *dir = path_of(parent);
-  char *path = dir ? join(dir, name) : NULL;
-  free(dir);
-  if (!path) {
-    fuse_reply_err(req, dir ? ENOMEM : ESTALE);
+  char *path = child_path(req, parent, name);
+  if (!path)
     return;
-  }
   struct stat st;
   int rc;
   if (cfs_is_self(req)) {
@@ -544,13 +551,9 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
 static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode) {
   (void)mode;
   CFS_COUNT(ops);
-  char *dir = path_of(parent);
-  char *path = dir ? join(dir, name) : NULL;
-  free(dir);
-  if (!path) {
-    fuse_reply_err(req, ENOMEM);
+  char *path = child_path(req, parent, name);
+  if (!path)
     return;
-  }
   const char *rel;
   enum tree t = split(path, &rel);
   int rc;
@@ -578,13 +581,9 @@ static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
 
 static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name) {
   CFS_COUNT(ops);
-  char *dir = path_of(parent);
-  char *path = dir ? join(dir, name) : NULL;
-  free(dir);
-  if (!path) {
-    fuse_reply_err(req, ENOMEM);
+  char *path = child_path(req, parent, name);
+  if (!path)
     return;
-  }
   const char *rel;
   enum tree t = split(path, &rel);
   int rc;
@@ -606,13 +605,9 @@ static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name) {
 
 static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name) {
   CFS_COUNT(ops);
-  char *dir = path_of(parent);
-  char *path = dir ? join(dir, name) : NULL;
-  free(dir);
-  if (!path) {
-    fuse_reply_err(req, ENOMEM);
+  char *path = child_path(req, parent, name);
+  if (!path)
     return;
-  }
   const char *rel;
   enum tree t = split(path, &rel);
   int rc;
@@ -760,13 +755,9 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
                       struct fuse_file_info *fi) {
   (void)mode;
   CFS_COUNT(ops);
-  char *dir = path_of(parent);
-  char *path = dir ? join(dir, name) : NULL;
-  free(dir);
-  if (!path) {
-    fuse_reply_err(req, ENOMEM);
+  char *path = child_path(req, parent, name);
+  if (!path)
     return;
-  }
   if (strlen(name) > 255)
     fuse_reply_err(req, ENAMETOOLONG);
   else
