@@ -8,6 +8,10 @@
  *   - The event thread (event_main) is the only thread that calls
  *     grpc_completion_queue_next on c->cq.  It runs tag callbacks and due
  *     timers, never while holding c->mu.
+ *   - A blocking call (coord__unary) runs on a pluck queue owned by the
+ *     calling thread (thread_cq, one per thread, shared by every coord_t the
+ *     thread uses); only that thread plucks it, for its own call's tag, so
+ *     it never meets the event thread's queue.
  *   - c->mu guards: cur (endpoint in use), token, the timer list, the
  *     in-flight call list, slots, the closing/stopping flags and
  *     `connected`.  It is a leaf lock: nothing else is taken while it is
@@ -20,7 +24,9 @@
  * (unary_done, on the event thread) either delivers the answer, or
  * schedules a retry (timer) on the next endpoint, or re-authenticates and
  * retries, or delivers the error.  The unary_t stays on c->calls from
- * creation to the callback so that coord_close can cancel it.
+ * creation to the callback so that coord_close can cancel it.  A blocking
+ * call (coord__unary) goes through the same attempt_start/unary_decide
+ * steps in a loop on the calling thread, sleeping its back-off there.
  */
 #include "internal.h"
 
