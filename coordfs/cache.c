@@ -13,6 +13,7 @@
  */
 #include "coordfs.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -193,9 +194,20 @@ int cache_apply(struct cfs_cache *c, const char *key, size_t key_len, int is_put
 }
 
 void cache_pending(struct cfs_cache *c, const char *key, int d) {
-  struct cfs_node *n = cache_node(c, key);
-  if (n)
-    n->pending += d;
+  assert(d == 1 || d == -1);
+  if (d > 0) {
+    struct cfs_node *n = cache_node(c, key);
+    if (n)
+      n->pending++;
+    return;
+  }
+  /* the end of a write whose start could not allocate its node finds no
+   * mark to take back (or a node made since, at 0): pending never goes
+   * below 0, or every later write of the key would look like someone
+   * else's and be echoed */
+  struct cfs_node *n = cache_find(c, key);
+  if (n && n->pending > 0)
+    n->pending--;
 }
 
 int cache_is_dir(const struct cfs_node *n) {

@@ -356,6 +356,17 @@ static void apply_put(const char *key, const void *val, size_t len, int64_t rev)
   pthread_mutex_unlock(&g.lock);
 }
 
+/* Records this mount's acknowledged write (rc 0) and ends its in-flight
+ * mark in one step, so that the watch thread sees either "in flight" or
+ * "applied at rev", never a moment with neither. */
+static void finish_put(const char *key, const void *val, size_t len, int rc, int64_t rev) {
+  pthread_mutex_lock(&g.lock);
+  if (!rc)
+    cache_apply(&g.config, key, strlen(key), 1, val, len, rev, -1, -1, 0);
+  cache_pending(&g.config, key, -1);
+  pthread_mutex_unlock(&g.lock);
+}
+
 static void apply_delete(const char *key, int64_t rev) {
   pthread_mutex_lock(&g.lock);
   cache_apply(&g.config, key, strlen(key), 0, NULL, 0, rev, 0, 0, 0);
@@ -376,13 +387,17 @@ static void drop_creating(struct cfs_file *f) {
     notifier_queue(J_FORGET, f->path, 0);
 }
 
-/* Puts value at key, with a compare on the mod revision unless plain. */
+/* Puts value at key, with a compare on the mod revision unless plain.
+ * The write is marked in flight for its whole round trip: its watch event
+ * may reach the watch thread before the answer does, and must then be
+ * taken for the echo it is (the kernel already saw this operation). */
 static int put_value(const char *key, const char *val, size_t len, int plain, int64_t base_rev,
                      int64_t *rev) {
   char *k = etcd_key(key);
   if (!k)
     return -ENOMEM;
   int rc;
+  pending(key, 1);
   if (plain) {
     coord_put_opts_t po = {.timeout_ms = g.o.timeout_ms};
     coord_kv_result_t *r = NULL;
@@ -403,9 +418,7 @@ static int put_value(const char *key, const char *val, size_t len, int plain, in
     coord_txn_result_free(r);
   }
   free(k);
-  if (!rc)
-    apply_put(key, val, len, *rev);
-  pending(key, -1);
+  finish_put(key, val, len, rc, rc ? 0 : *rev);
   if (rc) {
     CFS_COUNT(errors);
     if (rc == COORD_ECONFLICT)

@@ -14,7 +14,12 @@
  *      pollers.
  * An event whose revision the cache already holds is this mount's own write
  * (applied from the answer to its Put): it is neither invalidated nor
- * echoed to the notifier, but it is still a line in /events/.
+ * echoed to the notifier, but it is still a line in /events/.  An event
+ * that arrives while a write of this mount to the same key is in flight
+ * (cfs_node.pending) is taken for that write's echo: its pages are dropped
+ * but no self-operation is queued.  A write by another client that lands
+ * on that key inside that round trip is therefore not reported to inotify
+ * (its value is still read back); the writer's own events cover the moment.
  *
  * Streams: a read with nothing queued is kept as a pending fuse_req_t (no
  * worker thread waits) and answered by the watch thread, or with EINTR by
@@ -407,7 +412,9 @@ static void apply_event(int which, const coord_event_t *ev, const char *rel, siz
   struct cfs_node *kn = key ? cache_find(c, key) : NULL;
   free(key);
   /* a write of this mount in flight: the event may be its echo, arriving
-   * before the Put's answer; the kernel already saw that operation */
+   * before the Put's answer; the kernel already saw that operation, so no
+   * self-operation is queued.  The kernel's pages are still dropped: the
+   * event may instead be another client's write that came in between. */
   int own = kn && kn->pending > 0;
   if (ok)
     look(c, rel, rel_len, &before);
@@ -416,7 +423,7 @@ static void apply_event(int which, const coord_event_t *ev, const char *rel, siz
   if (ok && changed)
     look(c, rel, rel_len, &after);
   pthread_mutex_unlock(&g.lock);
-  if (!ok || !changed || own || before.depth != after.depth)
+  if (!ok || !changed || before.depth != after.depth)
     return;
   int d = after.depth;
   if (after.file && before.file) {
@@ -452,7 +459,7 @@ static void apply_event(int which, const coord_event_t *ev, const char *rel, siz
     *slash = '/';
     if (js.j[i].op == J_MODIFY && ino) /* the next read must see the new value */
       fuse_lowlevel_notify_inval_inode(g.se, ino, 0, 0);
-    if (ino || parent)
+    if (!own && (ino || parent))
       notifier_queue(js.j[i].op, p, ino);
     free(p);
   }
