@@ -94,18 +94,45 @@ int cfs_key_ok(const char *key, size_t len) {
   return 1;
 }
 
-/* Adds d to the descendant count of every ancestor directory of path. */
+/* Adds d to the descendant count of every ancestor directory of path.  A
+ * key written in a mount-local directory makes it an ordinary one (it now
+ * exists because of keys, and goes with them): each such localdir cleared
+ * on the way up is taken off the nlocal of the ancestors above it. */
 static void add_ancestors(struct cfs_cache *c, const char *path, int d) {
   char *p = strdup(path);
   if (!p)
     return;
+  int cleared = 0;
   for (char *s = strrchr(p, '/'); s; s = strrchr(p, '/')) {
     *s = 0;
     struct cfs_node *a = cache_node(c, p);
     if (a) {
       a->ndesc += d;
-      if (d > 0)
-        a->localdir = 0; /* something was written in it */
+      a->nlocal -= cleared;
+      assert(a->ndesc >= 0 && a->nlocal >= 0);
+      if (d > 0 && a->localdir) {
+        a->localdir = 0;
+        cleared++;
+      }
+    }
+  }
+  free(p);
+}
+
+void cache_set_localdir(struct cfs_cache *c, struct cfs_node *n, int on) {
+  on = !!on;
+  if (n->localdir == on)
+    return;
+  n->localdir = on;
+  char *p = strdup(n->path);
+  if (!p)
+    return; /* n->path outlives this call: p is only a scratch copy */
+  for (char *s = strrchr(p, '/'); s; s = strrchr(p, '/')) {
+    *s = 0;
+    struct cfs_node *a = cache_node(c, p);
+    if (a) {
+      a->nlocal += on ? 1 : -1;
+      assert(a->nlocal >= 0);
     }
   }
   free(p);
@@ -211,7 +238,7 @@ void cache_pending(struct cfs_cache *c, const char *key, int d) {
 }
 
 int cache_is_dir(const struct cfs_node *n) {
-  return n && (n->ndesc > 0 || n->localdir);
+  return n && (n->ndesc > 0 || n->localdir || n->nlocal > 0);
 }
 
 int cache_is_file(const struct cfs_node *n) {
@@ -240,7 +267,8 @@ void cache_children(struct cfs_cache *c, const char *dir,
 /* A node that holds nothing any more and that no late answer can touch:
  * a deleted key the watch has gone past, with nothing below or open. */
 static int prunable(const struct cfs_cache *c, const struct cfs_node *n) {
-  return !n->present && !n->ndesc && !n->localdir && !n->creating && !n->pending && n->rev <= c->notified;
+  return !n->present && !n->ndesc && !n->localdir && !n->nlocal && !n->creating && !n->pending &&
+         n->rev <= c->notified;
 }
 
 static void drop(struct cfs_cache *c, struct cfs_node *n) {

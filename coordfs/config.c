@@ -34,6 +34,11 @@
 
 #define CONFIG_PREFIX "/config/"
 
+#ifndef RENAME_EXCHANGE
+#define RENAME_NOREPLACE (1 << 0)
+#define RENAME_EXCHANGE (1 << 1)
+#endif
+
 static char *etcd_key(const char *key) {
   size_t n = strlen(key);
   char *k = malloc(sizeof(CONFIG_PREFIX) + n);
@@ -349,13 +354,6 @@ int config_write(struct cfs_file *f, const char *buf, size_t size, off_t off) {
   return (int)size;
 }
 
-/* Records this mount's own acknowledged write in the cache. */
-static void apply_put(const char *key, const void *val, size_t len, int64_t rev) {
-  pthread_mutex_lock(&g.lock);
-  cache_apply(&g.config, key, strlen(key), 1, val, len, rev, -1, -1, 0);
-  pthread_mutex_unlock(&g.lock);
-}
-
 /* Records this mount's acknowledged write (rc 0) and ends its in-flight
  * mark in one step, so that the watch thread sees either "in flight" or
  * "applied at rev", never a moment with neither. */
@@ -367,10 +365,54 @@ static void finish_put(const char *key, const void *val, size_t len, int rc, int
   pthread_mutex_unlock(&g.lock);
 }
 
-static void apply_delete(const char *key, int64_t rev) {
+/* After this mount removed key (rm, the source of an mv, or rmdir of a
+ * mount-local directory), with g.lock held: the directory it was in, if that was its last entry, stays as a
+ * mount-local directory, the way an emptied directory stays on a local
+ * file system until rmdir (so `rm -r` and `rm d/f; rmdir d` work).  Another
+ * client's delete makes it go instead (events.c).  If that directory is
+ * also a key (the key-and-prefix case) it is that file again: returns the
+ * directory's path for the kernel to forget (caller frees), else NULL. */
+static char *keep_parent(const char *key) {
+  const char *slash = strrchr(key, '/');
+  if (!slash)
+    return NULL;
+  char *dir = strndup(key, (size_t)(slash - key));
+  struct cfs_node *d = dir ? cache_find(&g.config, dir) : NULL;
+  if (d && !cache_is_dir(d)) {
+    if (cache_is_file(d))
+      return dir;
+    cache_set_localdir(&g.config, d, 1);
+  }
+  free(dir);
+  return NULL;
+}
+
+/* The kernel knows dir as a directory; it is a file now: drop its entry
+ * (from the notifier: never from inside a handler). */
+static void forget_dir(char *dir) {
+  if (!dir)
+    return;
+  char *path = malloc(strlen(dir) + sizeof("config/"));
+  if (path) {
+    sprintf(path, "config/%s", dir);
+    notifier_queue(J_FORGET, path, 0);
+    free(path);
+  }
+  free(dir);
+}
+
+/* Records this mount's acknowledged delete (rc 0) and ends its in-flight
+ * mark, in one step (as finish_put). */
+static void finish_delete(const char *key, int rc, int64_t rev) {
+  char *forget = NULL;
   pthread_mutex_lock(&g.lock);
-  cache_apply(&g.config, key, strlen(key), 0, NULL, 0, rev, 0, 0, 0);
+  if (!rc) {
+    cache_apply(&g.config, key, strlen(key), 0, NULL, 0, rev, 0, 0, 0);
+    forget = keep_parent(key);
+  }
+  cache_pending(&g.config, key, -1);
   pthread_mutex_unlock(&g.lock);
+  forget_dir(forget);
 }
 
 static void drop_creating(struct cfs_file *f) {
@@ -532,9 +574,8 @@ int config_unlink(const char *rel) {
       rc = -cfs_errno(e);
     } else {
       CFS_COUNT(commits);
-      apply_delete(key, r->revision);
     }
-    pending(key, -1);
+    finish_delete(key, e, e ? 0 : r->revision);
     coord_kv_result_free(r);
     free(k);
   }
@@ -553,7 +594,7 @@ int config_mkdir(const char *rel) {
   else if (cache_is_dir(n) || cache_is_file(n))
     rc = -EEXIST;
   else
-    n->localdir = 1;
+    cache_set_localdir(&g.config, n, 1);
   pthread_mutex_unlock(&g.lock);
   return rc;
 }
@@ -572,12 +613,14 @@ int config_rmdir(const char *rel) {
     rc = cache_is_file(n) ? -ENOTDIR : -ENOENT;
   } else {
     cache_children(&g.config, rel, any_child, &busy);
-    if (busy || n->ndesc > 0 || cache_is_file(n))
+    if (busy || n->ndesc > 0 || n->nlocal > 0 || cache_is_file(n))
       rc = -ENOTEMPTY;
     else
-      n->localdir = 0;
+      cache_set_localdir(&g.config, n, 0);
   }
+  char *forget = rc ? NULL : keep_parent(rel);
   pthread_mutex_unlock(&g.lock);
+  forget_dir(forget);
   return rc;
 }
 
@@ -634,11 +677,144 @@ static void free_moves(struct collect *cl) {
 /* etcd's default --max-txn-ops is 128: a put and a delete per key. */
 #define MAX_MOVE_KEYS 64
 
+/* Moves the mount-local directories at fk and below it to tk.  g.lock
+ * held.  The paths are collected first: cache_node() may grow the table. */
+static int move_localdirs(const char *fk, const char *tk) {
+  size_t fl = strlen(fk), n = 0, cap = 0;
+  char **paths = NULL;
+  int rc = 0;
+  for (size_t i = 0; i < g.config.cap && !rc; i++)
+    for (struct cfs_node *x = g.config.tab[i]; x && !rc; x = x->next) {
+      if (!x->localdir || strncmp(x->path, fk, fl) || (x->path[fl] && x->path[fl] != '/'))
+        continue;
+      if (n == cap) {
+        char **p = realloc(paths, (cap = cap ? cap * 2 : 8) * sizeof(*p));
+        if (!p) {
+          rc = -ENOMEM;
+          break;
+        }
+        paths = p;
+      }
+      char *t = malloc(strlen(tk) + strlen(x->path) - fl + 1);
+      if (!t) {
+        rc = -ENOMEM;
+        break;
+      }
+      sprintf(t, "%s%s", tk, x->path + fl);
+      paths[n++] = t;
+      cache_set_localdir(&g.config, x, 0);
+    }
+  for (size_t i = 0; i < n; i++) {
+    struct cfs_node *d = cache_node(&g.config, paths[i]);
+    if (d && !d->ndesc)
+      cache_set_localdir(&g.config, d, 1);
+    free(paths[i]);
+  }
+  free(paths);
+  return rc;
+}
+
+/* Works out a rename with g.lock held: the keys to move (cl), or *local
+ * when only mount-local directories move.  0 or -errno. */
+static int plan_rename(const char *from, const char *to, const char *fk, const char *tk, unsigned flags,
+                       struct collect *cl, int *local) {
+  struct cfs_node *src = cache_find(&g.config, fk), *dst = cache_find(&g.config, tk);
+  *local = 0;
+  if (is_value_path(from) || !cache_is_dir(src)) { /* a file */
+    if (!src || !src->present)
+      return src && src->creating ? -EBUSY : -ENOENT;
+    if (!is_value_path(to) && cache_is_dir(dst))
+      return -EISDIR;
+    if ((flags & RENAME_NOREPLACE) && cache_is_file(dst))
+      return -EEXIST;
+    return add_move(cl, src, tk);
+  }
+  if (cache_is_file(dst) && !cache_is_dir(dst))
+    return -ENOTDIR;
+  if (cache_is_dir(dst) && (dst->ndesc > 0 || dst->nlocal > 0 || dst->present))
+    return -ENOTEMPTY;
+  if (src->ndesc == 0 && !src->present) {
+    *local = 1;
+    return 0;
+  }
+  size_t fl = strlen(fk);
+  for (size_t i = 0; i < g.config.cap; i++)
+    for (struct cfs_node *n = g.config.tab[i]; n; n = n->next) {
+      if (!n->present || n->bad)
+        continue;
+      if (strcmp(n->path, fk) && !(!strncmp(n->path, fk, fl) && n->path[fl] == '/'))
+        continue;
+      if (cl->n >= MAX_MOVE_KEYS)
+        return -EXDEV; /* mv falls back to copy and delete */
+      char *nt = malloc(strlen(tk) + strlen(n->path) - fl + 1);
+      if (!nt)
+        return -ENOMEM;
+      sprintf(nt, "%s%s", tk, n->path + fl);
+      int rc = add_move(cl, n, nt);
+      free(nt);
+      if (rc)
+        return rc;
+    }
+  return 0;
+}
+
+/* One Txn: for every key, compare its mod revision, put the new key and
+ * delete the old.  On success the cache takes the moves, the mount-local
+ * directories below a moved directory follow it, and the source's
+ * directory stays if it is now empty (keep_parent). */
+static int commit_moves(struct collect *cl, const char *fk, const char *tk, int dir) {
+  coord_cmp_t *cmp = calloc(cl->n, sizeof(*cmp));
+  coord_op_t *ops = calloc(cl->n * 2, sizeof(*ops));
+  if (!cmp || !ops) {
+    free(cmp);
+    free(ops);
+    return -ENOMEM;
+  }
+  for (size_t i = 0; i < cl->n; i++) {
+    struct move *m = &cl->m[i];
+    cmp[i] =
+        (coord_cmp_t){.key = m->ef, .target = COORD_CMP_MOD, .result = COORD_CMP_EQUAL, .number = m->mod};
+    ops[2 * i] = (coord_op_t){.type = COORD_OP_PUT, .key = m->et, .value = m->val, .value_len = m->len};
+    ops[2 * i + 1] = (coord_op_t){.type = COORD_OP_DELETE, .key = m->ef};
+  }
+  coord_txn_t txn = {
+      .cmp = cmp, .ncmp = cl->n, .success = ops, .nsuccess = cl->n * 2, .timeout_ms = g.o.timeout_ms};
+  coord_txn_result_t *r = NULL;
+  for (size_t i = 0; i < cl->n; i++)
+    pending(cl->m[i].from, 1), pending(cl->m[i].to, 1);
+  int e = coord_kv_txn(g.c, &txn, &r);
+  if (!e && !r->succeeded)
+    e = COORD_ECONFLICT;
+  char *forget = NULL;
+  pthread_mutex_lock(&g.lock);
+  for (size_t i = 0; i < cl->n; i++) {
+    struct move *m = &cl->m[i];
+    if (!e) {
+      cache_apply(&g.config, m->from, strlen(m->from), 0, NULL, 0, r->revision, 0, 0, 0);
+      cache_apply(&g.config, m->to, strlen(m->to), 1, m->val, m->len, r->revision, -1, -1, 0);
+    }
+    cache_pending(&g.config, m->from, -1);
+    cache_pending(&g.config, m->to, -1);
+  }
+  if (!e) {
+    if (dir)
+      move_localdirs(fk, tk);
+    forget = keep_parent(fk);
+  }
+  pthread_mutex_unlock(&g.lock);
+  forget_dir(forget);
+  coord_txn_result_free(r);
+  free(cmp);
+  free(ops);
+  if (e) {
+    CFS_COUNT(errors);
+    return -cfs_errno(e);
+  }
+  CFS_COUNT(commits);
+  return 0;
+}
+
 int config_rename(const char *from, const char *to, unsigned flags) {
-#ifndef RENAME_EXCHANGE
-#define RENAME_EXCHANGE (1 << 1)
-#define RENAME_NOREPLACE (1 << 0)
-#endif
   if (flags & RENAME_EXCHANGE)
     return -EINVAL;
   char *fk = config_key_of(from), *tk = config_key_of(to);
@@ -648,99 +824,19 @@ int config_rename(const char *from, const char *to, unsigned flags) {
     return -EINVAL;
   }
   struct collect cl = {0};
-  int rc = 0;
+  int local = 0;
+  char *forget = NULL;
   pthread_mutex_lock(&g.lock);
-  struct cfs_node *src = cache_find(&g.config, fk), *dst = cache_find(&g.config, tk);
-  int src_dir = !is_value_path(from) && cache_is_dir(src);
-  if (!src_dir) {
-    if (!src || !src->present)
-      rc = src && src->creating ? -EBUSY : -ENOENT;
-    else if (!is_value_path(to) && cache_is_dir(dst))
-      rc = -EISDIR;
-    else if ((flags & RENAME_NOREPLACE) && cache_is_file(dst))
-      rc = -EEXIST;
-    else
-      rc = add_move(&cl, src, tk);
-  } else {
-    if (cache_is_file(dst) && !cache_is_dir(dst))
-      rc = -ENOTDIR;
-    else if (cache_is_dir(dst) && (dst->ndesc > 0 || dst->present))
-      rc = -ENOTEMPTY;
-    else if (src->ndesc == 0 && !src->present) {
-      /* a mount-local empty directory: move it here */
-      struct cfs_node *d = cache_node(&g.config, tk);
-      if (!d)
-        rc = -ENOMEM;
-      else {
-        src->localdir = 0;
-        d->localdir = 1;
-      }
-      pthread_mutex_unlock(&g.lock);
-      free(fk);
-      free(tk);
-      return rc;
-    } else {
-      size_t fl = strlen(fk);
-      for (size_t i = 0; i < g.config.cap && !rc; i++)
-        for (struct cfs_node *n = g.config.tab[i]; n && !rc; n = n->next) {
-          if (!n->present || n->bad)
-            continue;
-          if (strcmp(n->path, fk) && !(!strncmp(n->path, fk, fl) && n->path[fl] == '/'))
-            continue;
-          if (cl.n >= MAX_MOVE_KEYS) {
-            rc = -EXDEV; /* mv falls back to copy and delete */
-            break;
-          }
-          char *nt = malloc(strlen(tk) + strlen(n->path) - fl + 1);
-          if (!nt) {
-            rc = -ENOMEM;
-            break;
-          }
-          sprintf(nt, "%s%s", tk, n->path + fl);
-          rc = add_move(&cl, n, nt);
-          free(nt);
-        }
-    }
+  int dir = !is_value_path(from) && cache_is_dir(cache_find(&g.config, fk));
+  int rc = plan_rename(from, to, fk, tk, flags, &cl, &local);
+  if (!rc && local) { /* only mount-local directories: nothing in etcd */
+    rc = move_localdirs(fk, tk);
+    forget = keep_parent(fk);
   }
   pthread_mutex_unlock(&g.lock);
-  if (!rc && cl.n) {
-    coord_cmp_t *cmp = calloc(cl.n, sizeof(*cmp));
-    coord_op_t *ops = calloc(cl.n * 2, sizeof(*ops));
-    if (!cmp || !ops)
-      rc = -ENOMEM;
-    for (size_t i = 0; !rc && i < cl.n; i++) {
-      cmp[i] = (coord_cmp_t){
-          .key = cl.m[i].ef, .target = COORD_CMP_MOD, .result = COORD_CMP_EQUAL, .number = cl.m[i].mod};
-      ops[2 * i] = (coord_op_t){
-          .type = COORD_OP_PUT, .key = cl.m[i].et, .value = cl.m[i].val, .value_len = cl.m[i].len};
-      ops[2 * i + 1] = (coord_op_t){.type = COORD_OP_DELETE, .key = cl.m[i].ef};
-    }
-    if (!rc) {
-      coord_txn_t txn = {
-          .cmp = cmp, .ncmp = cl.n, .success = ops, .nsuccess = cl.n * 2, .timeout_ms = g.o.timeout_ms};
-      coord_txn_result_t *r = NULL;
-      for (size_t i = 0; i < cl.n; i++)
-        pending(cl.m[i].from, 1), pending(cl.m[i].to, 1);
-      int e = coord_kv_txn(g.c, &txn, &r);
-      if (!e && !r->succeeded)
-        e = COORD_ECONFLICT;
-      if (e) {
-        CFS_COUNT(errors);
-        rc = -cfs_errno(e);
-      } else {
-        CFS_COUNT(commits);
-        for (size_t i = 0; i < cl.n; i++) {
-          apply_delete(cl.m[i].from, r->revision);
-          apply_put(cl.m[i].to, cl.m[i].val, cl.m[i].len, r->revision);
-        }
-      }
-      for (size_t i = 0; i < cl.n; i++)
-        pending(cl.m[i].from, -1), pending(cl.m[i].to, -1);
-      coord_txn_result_free(r);
-    }
-    free(cmp);
-    free(ops);
-  }
+  forget_dir(forget);
+  if (!rc && cl.n)
+    rc = commit_moves(&cl, fk, tk, dir);
   free_moves(&cl);
   free(fk);
   free(tk);

@@ -40,6 +40,9 @@
  *     it was opened) fails its close with EBUSY; transport failures are EIO;
  *   - flush commits only after a write or ftruncate on that file; release
  *     commits whatever is left (a bare `: > file` or `touch newfile`);
+ *   - a directory this mount empties (rm, mv, rmdir below it) stays as a
+ *     mount-local directory until it is removed, as on a local disk; one
+ *     emptied by another client goes (config.c keep_parent);
  *   - an open (and a failed lookup) in /config first asks etcd for the key's
  *     revision (keys only) and waits, at most 1 s, until the watch has
  *     brought the cache that far, so etcdctl's changes are read back at
@@ -116,7 +119,11 @@ struct cfs_node {
   int64_t rev;           /* revision of the last change applied (put or delete) */
   struct timespec mtime; /* when this mount saw that revision */
   int ndesc;             /* present good keys strictly below path/ */
-  int localdir;          /* made by mkdir on this mount, still empty */
+  int localdir;          /* a mount-local directory: made by mkdir on this
+                            mount, or emptied of its last key by this mount;
+                            cleared when a key is written below it */
+  int nlocal;            /* localdir nodes strictly below path/ (they keep
+                            this directory, as files keep it by ndesc) */
   int creating;          /* open handles that created it and have not committed */
   int pending;           /* writes of this mount to the key in flight (events.c) */
   struct cfs_node *next;
@@ -148,6 +155,9 @@ void cache_prune(struct cfs_cache *c, const char *key);
 /* Marks a write of this mount to key as in flight (d = 1) or done (-1).
  * g.lock held. */
 void cache_pending(struct cfs_cache *c, const char *key, int d);
+/* Makes n a mount-local directory (on) or not, keeping the nlocal of its
+ * ancestors right.  g.lock held; never set localdir directly. */
+void cache_set_localdir(struct cfs_cache *c, struct cfs_node *n, int on);
 int cache_is_dir(const struct cfs_node *n);
 int cache_is_file(const struct cfs_node *n);
 /* Calls fn for each visible child of dir (""=root of the tree). */

@@ -108,7 +108,84 @@ def test_mkdir_ls_R_rmdir(etcd, fs):
     assert not os.path.exists(C(fs, "empty"))
     sh("rm %s && rm %s" % (q(C(fs, "svc", "db", "port")), q(C(fs, "svc", "name"))))
     assert etcd.get_prefix("/config/") == {}
+    # as on a local disk, the emptied directories stay until removed
+    assert os.listdir(C(fs, "svc")) == ["db"] and os.listdir(C(fs, "svc", "db")) == []
+    sh("rmdir %s && rmdir %s" % (q(C(fs, "svc", "db")), q(C(fs, "svc"))))
     assert os.listdir(C(fs)) == []
+
+
+def test_rm_r_of_a_tree_of_keys(etcd, fs):
+    """`rm -r` empties each directory and then removes it: the emptied
+    directory must still be there for its rmdir (it used to vanish with
+    its last key, and rm -r failed with ENOENT)."""
+    for k in ("t/a", "t/b/c", "t/b/d/e", "t/x/y"):
+        etcd.put("/config/" + k, k)
+    wait_for(lambda: os.path.exists(C(fs, "t", "b", "d", "e")), 5, what="t/b/d/e")
+    sh("mkdir %s" % q(C(fs, "t", "b", "local")))
+    sh("rm -r %s" % q(C(fs, "t")))
+    assert etcd.get_prefix("/config/") == {}
+    assert os.listdir(C(fs)) == []
+    sh("mkdir -p %s && echo 1 > %s" % (q(C(fs, "u", "v")), q(C(fs, "u", "v", "w"))))
+    sh("rm -rf %s" % q(C(fs, "u")))
+    assert etcd.get_prefix("/config/") == {} and os.listdir(C(fs)) == []
+
+
+def test_emptied_directory_stays_here_goes_elsewhere(etcd, coordfs_mount):
+    """The mount that empties a directory keeps it (rm, mv away); another
+    mount, which never saw it emptied, loses it with its last key."""
+    a, b = coordfs_mount(etcd), coordfs_mount(etcd)
+    sh("mkdir -p %s && echo 1 > %s && echo 2 > %s" % (q(C(a, "d")), q(C(a, "d", "f")), q(C(a, "d", "g"))))
+    wait_for(lambda: os.path.exists(C(b, "d", "g")), 5, what="d/g on b")
+    sh("rm %s && mv %s %s" % (q(C(a, "d", "f")), q(C(a, "d", "g")), q(C(a, "g"))))
+    assert etcd.get_prefix("/config/") == {"/config/g": "2\n"}
+    assert os.path.isdir(C(a, "d")) and os.listdir(C(a, "d")) == []
+    assert sorted(os.listdir(C(a))) == ["d", "g"]
+    wait_for(lambda: sorted(os.listdir(C(b))) == ["g"], 5, what="d gone on b")
+    assert not os.path.exists(C(b, "d"))
+    r = sh("rmdir %s" % q(C(b, "d")), check=False)
+    assert r.returncode != 0 and "No such file" in r.stderr
+    sh("rmdir %s" % q(C(a, "d")))
+    assert sorted(os.listdir(C(a))) == ["g"]
+
+
+def test_mkdir_inside_a_key_directory_survives_the_keys(etcd, fs):
+    """A directory made here inside one that exists because of keys keeps
+    its parent when another client deletes those keys."""
+    etcd.put("/config/app/x", "1")
+    wait_for(lambda: os.path.exists(C(fs, "app", "x")), 5, what="app/x")
+    sh("mkdir -p %s" % q(C(fs, "app", "local", "deep")))
+    etcd.etcdctl("del", "/config/app/x")
+    wait_for(lambda: not os.path.exists(C(fs, "app", "x")), 5, what="app/x gone")
+    assert os.listdir(C(fs)) == ["app"]
+    assert os.listdir(C(fs, "app")) == ["local"] and os.listdir(C(fs, "app", "local")) == ["deep"]
+    r = sh("rmdir %s" % q(C(fs, "app", "local")), check=False)
+    assert r.returncode != 0 and "not empty" in r.stderr
+    sh("rmdir %s %s %s" % (q(C(fs, "app", "local", "deep")), q(C(fs, "app", "local")), q(C(fs, "app"))))
+    assert os.listdir(C(fs)) == []
+    assert etcd.get_prefix("/config/") == {}
+
+
+def test_mv_directory_takes_its_empty_subdirectories(etcd, fs):
+    sh("mkdir -p %s %s && echo 1 > %s" % (q(C(fs, "p", "q", "e")), q(C(fs, "p", "empty")),
+                                          q(C(fs, "p", "q", "f"))))
+    sh("mv %s %s" % (q(C(fs, "p")), q(C(fs, "r"))))
+    assert etcd.get_prefix("/config/") == {"/config/r/q/f": "1\n"}
+    out = sh("cd %s && find . | sort" % q(C(fs))).stdout.split()
+    assert out == [".", "./r", "./r/empty", "./r/q", "./r/q/e", "./r/q/f"]
+    sh("mkdir -p %s && mv %s %s" % (q(C(fs, "only", "sub")), q(C(fs, "only")), q(C(fs, "r", "only"))))
+    assert os.path.isdir(C(fs, "r", "only", "sub")) and not os.path.exists(C(fs, "only"))
+    assert etcd.get_prefix("/config/") == {"/config/r/q/f": "1\n"}
+
+
+def test_key_and_prefix_is_a_file_again_when_its_children_go(etcd, fs):
+    etcd.put("/config/kp", "v")
+    etcd.put("/config/kp/c", "1")
+    wait_for(lambda: os.path.isdir(C(fs, "kp")), 5, what="kp is a directory")
+    assert sorted(os.listdir(C(fs, "kp"))) == [".value", "c"]
+    sh("rm %s" % q(C(fs, "kp", "c")))
+    wait_for(lambda: os.path.isfile(C(fs, "kp")), 5, what="kp a file again")
+    assert read(C(fs, "kp")) == "v"
+    assert etcd.get_prefix("/config/") == {"/config/kp": "v"}
 
 
 def test_key_that_is_also_a_prefix_has_dot_value(etcd, fs):

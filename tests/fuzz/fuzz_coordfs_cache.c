@@ -9,7 +9,9 @@
  * compiled into this target directly; `make fuzz` needs no coordfs objects.
  *
  * Input: records [op][klen][key...][vlen][value...]; op bit 0: put (else
- * delete), bit 1: prune afterwards.  Revisions increase.  A small model
+ * delete), bit 1: prune afterwards, bit 2: first flip the key's directory as
+ * a mount-local one (mkdir/rmdir; cache_set_localdir).  Revisions
+ * increase.  A small model
  * (the last value of each distinct key, byte-exact) is kept, and after
  * every record:
  *   - cfs_key_ok(k) implies: no empty component, none of ".", "..",
@@ -19,7 +21,9 @@
  *     present good keys strictly below it;
  *   - a deleted good key is not a file;
  *   - nbad is the number of present keys that cannot be file names;
- *   - listing names are non-empty and have no '/'.
+ *   - listing names are non-empty and have no '/';
+ *   - every node's nlocal is the number of mount-local directories
+ *     strictly below it, and such a directory is a directory.
  */
 #include "../../coordfs/cache.c"
 
@@ -58,6 +62,22 @@ static int my_key_ok(const char *k, size_t len) {
   return 1;
 }
 
+/* nlocal of every node against a count of the localdir nodes below it. */
+static void check_local(struct cfs_cache *c) {
+  for (size_t i = 0; i < c->cap; i++)
+    for (struct cfs_node *d = c->tab[i]; d; d = d->next) {
+      size_t dl = strlen(d->path);
+      int below = 0;
+      for (size_t j = 0; j < c->cap; j++)
+        for (struct cfs_node *x = c->tab[j]; x; x = x->next)
+          if (x->localdir && strlen(x->path) > dl + 1 && !memcmp(x->path, d->path, dl) && x->path[dl] == '/')
+            below++;
+      assert(d->nlocal == below);
+      if (d->localdir)
+        assert(cache_is_dir(d));
+    }
+}
+
 static void check_name(struct cfs_node *n, const char *name, void *arg) {
   (void)n;
   (void)arg;
@@ -92,6 +112,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     int ok = cfs_key_ok(key, klen);
     assert(ok == my_key_ok(key, klen));
 
+    char *slash = ok ? strrchr(key, '/') : NULL;
+    if ((op & 4) && slash) { /* mkdir/rmdir of the key's directory, first */
+      *slash = 0;
+      struct cfs_node *d = cache_node(&c, key);
+      if (d)
+        cache_set_localdir(&c, d, !d->localdir);
+      *slash = '/';
+    }
     int changed = cache_apply(&c, key, klen, is_put, val, vlen, rev, is_put ? rev : 0, is_put ? 1 : 0, 0);
     assert(changed == 1); /* a newer revision always applies */
     c.notified = rev;
@@ -156,6 +184,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (nm < MAXK) /* the model tracks every key */
       assert(c.nbad == nbad);
     cache_children(&c, "", check_name, NULL);
+    check_local(&c);
 
     /* metadata of the last key, with short buffers */
     char path[65];
