@@ -177,17 +177,6 @@ def test_mv_directory_takes_its_empty_subdirectories(etcd, fs):
     assert etcd.get_prefix("/config/") == {"/config/r/q/f": "1\n"}
 
 
-def test_key_and_prefix_is_a_file_again_when_its_children_go(etcd, fs):
-    etcd.put("/config/kp", "v")
-    etcd.put("/config/kp/c", "1")
-    wait_for(lambda: os.path.isdir(C(fs, "kp")), 5, what="kp is a directory")
-    assert sorted(os.listdir(C(fs, "kp"))) == [".value", "c"]
-    sh("rm %s" % q(C(fs, "kp", "c")))
-    wait_for(lambda: os.path.isfile(C(fs, "kp")), 5, what="kp a file again")
-    assert read(C(fs, "kp")) == "v"
-    assert etcd.get_prefix("/config/") == {"/config/kp": "v"}
-
-
 def test_key_that_is_also_a_prefix_has_dot_value(etcd, fs):
     etcd.put("/config/app", "top")
     etcd.put("/config/app/db", "child")
@@ -201,6 +190,12 @@ def test_key_that_is_also_a_prefix_has_dot_value(etcd, fs):
     assert etcd.get("/config/app") is None
     assert etcd.get("/config/app/db") == "child"
     assert os.listdir(C(fs, "app")) == ["db"]
+    # the other way: the children go and the key stays, a file again
+    sh("printf again > %s" % q(C(fs, "app", ".value")))
+    sh("rm %s" % q(C(fs, "app", "db")))
+    wait_for(lambda: os.path.isfile(C(fs, "app")), 5, what="app a file again")
+    assert read(C(fs, "app")) == "again"
+    assert etcd.get_prefix("/config/") == {"/config/app": "again"}
 
 
 def test_getfattr_shows_etcd_metadata(etcd, fs):

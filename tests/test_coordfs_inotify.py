@@ -137,6 +137,18 @@ class Marked:
         return out
 
 
+def watch_key(etcd, fs, name):
+    """A key that exists, and a Marked watch on the config directory."""
+    etcd.put("/config/" + name, "0")
+    wait_for(lambda: os.path.exists(C(fs, name)), 5, what=name)
+    w = Inotifywait(C(fs))
+    try:
+        return w, Marked(etcd, fs, w)
+    except BaseException:
+        w.close()
+        raise
+
+
 def count(lines, event, name):
     return sum(1 for l in lines if l.split(" ", 1)[0].split(",")[0] == event and l.endswith("/" + name))
 
@@ -146,11 +158,8 @@ def test_own_writes_not_echoed(etcd, fs):
     for the process that made it: the notifier adds nothing.  Twenty
     rewrites in a row give the Put's watch event many chances to overtake
     the Put's answer (the race that used to echo about one write in two)."""
-    etcd.put("/config/mine", "0")
-    wait_for(lambda: os.path.exists(C(fs, "mine")), 5, what="mine")
-    w = Inotifywait(C(fs))
+    w, m = watch_key(etcd, fs, "mine")
     try:
-        m = Marked(etcd, fs, w)
         for i in range(20):
             with open(C(fs, "mine"), "w") as f:
                 f.write("v%d" % i)
@@ -191,11 +200,8 @@ def test_own_writes_not_echoed(etcd, fs):
 def test_change_from_elsewhere_after_own_writes_is_reported(etcd, fs):
     """The echo suppression must not swallow the next change made by
     someone else: after this mount's writes, an etcdctl put is reported."""
-    etcd.put("/config/both", "0")
-    wait_for(lambda: os.path.exists(C(fs, "both")), 5, what="both")
-    w = Inotifywait(C(fs))
+    w, m = watch_key(etcd, fs, "both")
     try:
-        m = Marked(etcd, fs, w)
         for i in range(5):
             with open(C(fs, "both"), "w") as f:
                 f.write("mine%d" % i)
