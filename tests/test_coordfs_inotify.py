@@ -108,32 +108,29 @@ def test_recursive_dir_watch_sees_modify_create_delete(etcd, fs):
 class Marked:
     """Splits a watch's events into what each step caused.
 
-    After each step an etcdctl put to a marker key makes the notifier touch
-    the marker file.  The watch thread handles events in revision order and
-    the notifier performs its jobs in order, so once the marker's
-    CLOSE_WRITE is seen, any echo of the step (an event of an earlier
-    revision) has been reported before it: the count is exact, not a guess
-    of how long to wait."""
+    After each step an etcdctl put of a new marker key (zz-mark-N) makes the
+    notifier create the marker's file.  The watch thread handles events in
+    revision order and the notifier performs its jobs in order, so once
+    CREATE of zz-mark-N is seen, any echo of the step (an event of an
+    earlier revision) has been reported before it, and the writer's own
+    events (raised by the kernel inside its system calls) even earlier: the
+    count is exact, not a guess of how long to wait.  Each marker has its
+    own name, so a late event of an earlier marker is never taken for it."""
 
     def __init__(self, etcd, fs, w):
-        self.etcd, self.fs, self.w, self.n = etcd, fs, w, 0
-        etcd.put("/config/zz-marker", "0")
-        wait_for(lambda: os.path.exists(C(fs, "zz-marker")), 5, what="zz-marker")
-        self.step()  # whatever the creation of the marker still has to say
+        self.etcd, self.fs, self.w, self.n, self.pos = etcd, fs, w, 0, len(w.lines)
+        self.step()  # whatever the watched key's creation still has to say
 
     def step(self):
         """Events since the last step, marker lines left out."""
-        start = len(self.w.lines)
         self.n += 1
-        self.etcd.put("/config/zz-marker", str(self.n))
-        seen = lambda: sum(1 for x in self.w.lines[start:]
-                           if x.startswith("CLOSE_WRITE") and x.endswith("/zz-marker"))
-        self.w.wait(lambda l: seen() >= 1)
-        out = []
-        for l in self.w.lines[start:]:
-            if l.endswith("/zz-marker"):
-                break
-            out.append(l)
+        name = "/zz-mark-%d" % self.n
+        self.etcd.put("/config" + name, "")
+        is_mark = lambda l: l.startswith("CREATE") and l.endswith(name)
+        self.w.wait(is_mark)
+        end = next(i for i in range(self.pos, len(self.w.lines)) if is_mark(self.w.lines[i]))
+        out = [l for l in self.w.lines[self.pos:end] if "/zz-mark-" not in l]
+        self.pos = end + 1
         return out
 
 
