@@ -2,6 +2,10 @@
  * config.c — the /config tree: one file per key below /config/, directories
  * from the '/' in keys, and the key-and-prefix case shown as <dir>/.value.
  *
+ * Directories exist because of the keys below them, or are mount-local
+ * (cfs_node.localdir): made by mkdir here, or emptied here by rm, mv or
+ * rmdir (keep_parent), until a key is written in them or they are removed.
+ *
  * Reads are served from g.config, the cache that the watch thread keeps
  * coherent and that every acknowledged write of this mount updates from the
  * Put's answer before the write is acknowledged.
@@ -366,12 +370,13 @@ static void finish_put(const char *key, const void *val, size_t len, int rc, int
 }
 
 /* After this mount removed key (rm, the source of an mv, or rmdir of a
- * mount-local directory), with g.lock held: the directory it was in, if that was its last entry, stays as a
- * mount-local directory, the way an emptied directory stays on a local
- * file system until rmdir (so `rm -r` and `rm d/f; rmdir d` work).  Another
- * client's delete makes it go instead (events.c).  If that directory is
- * also a key (the key-and-prefix case) it is that file again: returns the
- * directory's path for the kernel to forget (caller frees), else NULL. */
+ * mount-local directory), with g.lock held: the directory it was in, if
+ * that was its last entry, stays as a mount-local directory, the way an
+ * emptied directory stays on a local file system until rmdir (so `rm -r`
+ * and `rm d/f; rmdir d` work).  Another client's delete makes it go
+ * instead (events.c).  If that directory is also a key (the key-and-prefix
+ * case) it is that file again: returns the directory's path for the kernel
+ * to forget (caller frees), else NULL. */
 static char *keep_parent(const char *key) {
   const char *slash = strrchr(key, '/');
   if (!slash)
