@@ -20,7 +20,8 @@
  *   - the watch thread (events.c) reads the config, services and locks watches,
  *     applies each event to the caches, invalidates the kernel's cached pages
  *     and attributes of what changed, feeds the /events/ streams and queues
- *     self-operations for the notifier.
+ *     self-operations for the notifier.  When quiet after start-up or a
+ *     burst of events it gives freed memory back (malloc_trim).
  *   - the notifier thread (notifier.c) performs those self-operations on the
  *     mount.  Its requests are recognised by fuse_req_ctx(req)->pid ==
  *     g.notifier_tid and answered from the local view without etcd.

@@ -35,6 +35,7 @@
 #include "coordfs.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -507,15 +508,82 @@ static void handle(int k, coord_event_t *ev) {
  * that prefix) is opened again after WATCH_RETRY_MS, from its last event. */
 #define WATCH_RETRY_MS 500
 
+/* Handles every event queued on watch k.  Returns how many; a watch that
+ * ended is closed and reopened after WATCH_RETRY_MS (from its last event). */
+static int drain(int k, int64_t now_ms, int64_t *retry_at) {
+  int handled = 0;
+  for (;;) {
+    coord_event_t *ev = NULL;
+    int rc = coord_watch_next(watches[k], 0, &ev);
+    if (rc == COORD_ETIMEDOUT)
+      break;
+    if (rc) {
+      CFS_COUNT(errors);
+      coord_watch_close(watches[k]);
+      watches[k] = NULL;
+      *retry_at = now_ms + WATCH_RETRY_MS;
+      break;
+    }
+    handle(k, ev);
+    coord_event_free(ev);
+    handled++;
+  }
+  return handled;
+}
+
+/* Memory given back.  The initial load, the watches' seed reads and a
+ * burst of events free much more than they keep, and glibc holds on to
+ * what was freed (measured with 110,000 keys: 115 MiB resident for a live
+ * heap of 51 MB, 56 MiB after malloc_trim).  So once the watch thread has
+ * been quiet for TRIM_QUIET_MS after start-up, or after TRIM_EVENTS
+ * events, it calls malloc_trim(0).  Start-up trims twice, the second time
+ * TRIM_AGAIN_MS later, for seed reads of a large tree that finish after
+ * the first quiet second.  Only the watch thread touches this. */
+#define TRIM_QUIET_MS 1000
+#define TRIM_AGAIN_MS 5000
+#define TRIM_EVENTS 1000
+
+struct trim {
+  int64_t at;  /* when to trim if still quiet (ms, monotonic); 0: not due */
+  int startup; /* start-up trims still to come */
+  int events;  /* events since the last trim */
+};
+
+static void trim_note(struct trim *t, int64_t now_ms, int handled) {
+  t->events += handled;
+  if (handled && (t->startup || t->events >= TRIM_EVENTS))
+    t->at = now_ms + TRIM_QUIET_MS; /* wait for quiet again */
+}
+
+/* The poll timeout that the trim asks for (-1: none). */
+static int trim_wait(const struct trim *t, int64_t now_ms) {
+  return !t->at ? -1 : t->at <= now_ms ? 0 : (int)(t->at - now_ms);
+}
+
+static void trim_maybe(struct trim *t, int64_t now_ms) {
+  if (!t->at || now_ms < t->at)
+    return;
+  malloc_trim(0);
+  t->events = 0;
+  t->at = t->startup > 1 ? now_ms + TRIM_AGAIN_MS : 0;
+  if (t->startup)
+    t->startup--;
+}
+
+static int64_t mono_ms(void) {
+  struct timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+}
+
 static void *watch_main(void *arg) {
   (void)arg;
   int64_t retry_at[S_NKINDS] = {0};
+  struct trim trim = {.at = mono_ms() + TRIM_QUIET_MS, .startup = 2};
   while (!__atomic_load_n(&stopping, __ATOMIC_ACQUIRE)) {
     struct pollfd pfd[S_NKINDS + 1];
     int idx[S_NKINDS + 1], n = 0, broken = 0;
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    int64_t now_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+    int64_t now_ms = mono_ms();
     for (int k = 0; k < S_NKINDS; k++) {
       if (!watches[k] && (now_ms < retry_at[k] || open_watch(k, last_rev[k] + 1))) {
         if (now_ms >= retry_at[k])
@@ -530,28 +598,20 @@ static void *watch_main(void *arg) {
     pfd[n].fd = wake_fd;
     pfd[n].events = POLLIN;
     idx[n++] = -1;
-    if (poll(pfd, (nfds_t)n, broken ? WATCH_RETRY_MS : -1) < 0 && errno != EINTR)
+    int wait = trim_wait(&trim, now_ms);
+    if (broken && (wait < 0 || wait > WATCH_RETRY_MS))
+      wait = WATCH_RETRY_MS;
+    int ready = poll(pfd, (nfds_t)n, wait);
+    if (ready < 0 && errno != EINTR)
       break;
-    for (int i = 0; i < n; i++) {
-      int k = idx[i];
-      if (k < 0 || !(pfd[i].revents & (POLLIN | POLLERR | POLLHUP)))
-        continue;
-      for (;;) {
-        coord_event_t *ev = NULL;
-        int rc = coord_watch_next(watches[k], 0, &ev);
-        if (rc == COORD_ETIMEDOUT)
-          break;
-        if (rc) { /* the watch ended: open it again later, after the last event */
-          CFS_COUNT(errors);
-          coord_watch_close(watches[k]);
-          watches[k] = NULL;
-          retry_at[k] = now_ms + WATCH_RETRY_MS;
-          break;
-        }
-        handle(k, ev);
-        coord_event_free(ev);
-      }
-    }
+    now_ms = mono_ms();
+    int handled = 0;
+    for (int i = 0; i < n; i++)
+      if (idx[i] >= 0 && (pfd[i].revents & (POLLIN | POLLERR | POLLHUP)))
+        handled += drain(idx[i], now_ms, &retry_at[idx[i]]);
+    trim_note(&trim, now_ms, handled);
+    if (ready == 0)
+      trim_maybe(&trim, now_ms);
   }
   return NULL;
 }
