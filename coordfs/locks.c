@@ -27,8 +27,12 @@
  *     on process death): FUSE release.  The kernel sends release without
  *     waiting for it (only the flush of close() is synchronous, and a flush
  *     comes for every close of every dup, so it cannot release), so the key
- *     is deleted a millisecond or so after close() returned: a `flock -n`
- *     started right after the previous holder exited can still find it held.
+ *     is deleted a millisecond or so after close() returned, and the next
+ *     request may even be read before the release.  So that a try on this
+ *     mount right after its previous holder closed (or exited) never finds
+ *     that holder's key, a try waits for this mount's releases of the name,
+ *     and for up to FLUSH_GRACE_MS for the release of a flushed holder
+ *     (wait_own_release_locked).  Another mount's release is not waited for.
  *     flock -u (LOCK_UN) is synchronous: the key is gone when it returns.
  *   - write: the bytes (placed at their offsets) become the holder's note
  *     (coord_lock_set_note, a guarded Put).  read: JSON about the lock,
@@ -128,6 +132,8 @@ struct lkf {
   enum rkind kind;
   struct fuse_file_info fi; /* R_OPEN/R_CREATE: what to answer with */
   int interrupted;
+  int releasing; /* locks_release is deleting this file's key (L.rel_cv) */
+  int flushed;   /* closed (FLUSH) while held: its release may be coming */
   /* handles used outside L.mu */
   int pins;
   coord_lock_t **deferred;
@@ -143,7 +149,8 @@ struct lkf {
 
 static struct {
   pthread_mutex_t mu;
-  pthread_cond_t cv; /* in_cb went to 0 */
+  pthread_cond_t cv;     /* in_cb went to 0 */
+  pthread_cond_t rel_cv; /* a release finished (CLOCK_MONOTONIC, locks_init) */
   struct lkf *all;
   uint64_t next_id;
   int in_cb; /* on_acquired calls running (shut-down waits for them) */
@@ -215,6 +222,17 @@ static coord_lock_t *detach_locked(struct lkf *l) {
   return h;
 }
 
+/* Under L.mu: detach_locked once no pin is held, so that the handle comes
+ * back to the caller (not deferred to the last unpinner, which may be the
+ * event thread, where unlocking cannot wait) and the caller's blocking
+ * unlock has deleted the key when it returns.  Pins are short: a reply
+ * sent from on_acquired, a cancel, a note's Put. */
+static coord_lock_t *detach_unpinned_locked(struct lkf *l) {
+  while (l->pins > 0)
+    pthread_cond_wait(&L.rel_cv, &L.mu);
+  return detach_locked(l);
+}
+
 /* Under L.mu: pin l (its current handle may be used outside L.mu). */
 static void pin_locked(struct lkf *l) {
   l->pins++;
@@ -231,6 +249,7 @@ static void unpin(struct lkf *l) {
     nd = l->ndeferred;
     l->deferred = NULL;
     l->ndeferred = 0;
+    pthread_cond_broadcast(&L.rel_cv); /* detach_unpinned_locked */
   }
   pthread_mutex_unlock(&L.mu);
   for (size_t i = 0; i < nd; i++)
@@ -323,6 +342,7 @@ static void acquired(coord_lock_t *lock, int status, struct lkf *l) {
   char *path = NULL;
   if (status == 0 && req && !interrupted) {
     l->st = L_HELD;
+    l->flushed = 0;
     if (kind == R_CREATE && l->f)
       path = strdup(l->f->path);
     pin_locked(l);
@@ -461,10 +481,61 @@ static void start_acquire(fuse_req_t req, struct lkf *l, enum rkind kind, struct
   unpin(l);
 }
 
+/* A try (LOCK_NB, O_NONBLOCK) must not fail because of this mount's own
+ * previous holder that has already closed.  The kernel sends FUSE_RELEASE
+ * without waiting for it, so a process that closed the lock file (or
+ * exited) has returned before its key is deleted, and the next try can
+ * even be read from /dev/fuse before that RELEASE.  So a try on a name
+ * waits, under L.mu:
+ *   - while a file of this mount is releasing it (locks_release deleting
+ *     the key), at most a little longer than that Delete may take;
+ *   - while a holder of this mount has been flushed (a close) but not
+ *     released, at most FLUSH_GRACE_MS: if no release follows, another
+ *     descriptor keeps the lock held and the try fails as it should. */
+#define FLUSH_GRACE_MS 100
+
+enum hold { H_NONE, H_FLUSHED, H_RELEASING };
+
+static enum hold own_holder_locked(const char *name) {
+  enum hold w = H_NONE;
+  for (struct lkf *x = L.all; x; x = x->next)
+    if (!strcmp(x->name, name)) {
+      if (x->releasing)
+        return H_RELEASING;
+      if (x->flushed && x->st == L_HELD)
+        w = H_FLUSHED;
+    }
+  return w;
+}
+
+static struct timespec after_ms(int ms) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  t.tv_sec += ms / 1000;
+  t.tv_nsec += (long)(ms % 1000) * 1000000;
+  if (t.tv_nsec >= 1000000000)
+    t.tv_sec++, t.tv_nsec -= 1000000000;
+  return t;
+}
+
+static void wait_own_release_locked(const char *name) {
+  struct timespec release_until = after_ms((g.o.timeout_ms > 0 ? g.o.timeout_ms : 5000) + 1000);
+  struct timespec flush_until = after_ms(FLUSH_GRACE_MS);
+  for (;;) {
+    enum hold w = own_holder_locked(name);
+    if (w == H_NONE)
+      break;
+    struct timespec *until = w == H_RELEASING ? &release_until : &flush_until;
+    if (pthread_cond_timedwait(&L.rel_cv, &L.mu, until) == ETIMEDOUT && own_holder_locked(name) == w)
+      break; /* still the same: a try answers from etcd's view */
+  }
+}
+
 /* LOCK_NB / O_NONBLOCK: one Txn, nothing left behind if held.  Returns 0
  * or -errno. */
 static int try_acquire(struct lkf *l) {
   pthread_mutex_lock(&L.mu);
+  wait_own_release_locked(l->name);
   l->refs++; /* the handle's */
   pthread_mutex_unlock(&L.mu);
   coord_lock_t *h = NULL;
@@ -480,6 +551,7 @@ static int try_acquire(struct lkf *l) {
   int busy = l->st != L_NONE; /* another request of this file got there first */
   if (!busy) {
     l->st = L_HELD;
+    l->flushed = 0;
     l->h = h;
     l->key = key;
     l->token = token;
@@ -501,7 +573,13 @@ static int try_acquire(struct lkf *l) {
 /* ---------------------------------------------------------------- hooks */
 
 int locks_init(void) {
-  return 0;
+  pthread_condattr_t a;
+  if (pthread_condattr_init(&a))
+    return COORD_ENOMEM;
+  pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+  int rc = pthread_cond_init(&L.rel_cv, &a);
+  pthread_condattr_destroy(&a);
+  return rc ? COORD_ENOMEM : 0;
 }
 
 void locks_shutdown(void) {
@@ -854,6 +932,8 @@ void locks_flush(fuse_req_t req, struct cfs_file *f) {
   struct lkf *l = LK(f);
   pthread_mutex_lock(&L.mu);
   int lost = l->st == L_LOST;
+  if (l->st == L_HELD)
+    l->flushed = 1; /* see wait_own_release_locked */
   pthread_mutex_unlock(&L.mu);
   fuse_reply_err(req, lost ? EIO : 0);
 }
@@ -865,11 +945,21 @@ void locks_release(struct cfs_file *f) {
   pthread_mutex_lock(&L.mu);
   /* nothing can be pending: a pending open has no file yet, and a pending
    * flock holds a reference on the file */
-  coord_lock_t *h = l->st == L_WAIT ? NULL : detach_locked(l);
+  l->releasing = 1; /* tries of this name wait (wait_own_release_locked) */
+  coord_lock_t *h = l->st == L_WAIT ? NULL : detach_unpinned_locked(l);
   l->f = NULL;
+  if (!h) {
+    l->releasing = 0;
+    pthread_cond_broadcast(&L.rel_cv);
+  }
   pthread_mutex_unlock(&L.mu);
-  if (h)
+  if (h) {
     end_handle(l, h); /* the key is deleted when this returns */
+    pthread_mutex_lock(&L.mu);
+    l->releasing = 0;
+    pthread_cond_broadcast(&L.rel_cv);
+    pthread_mutex_unlock(&L.mu);
+  }
   f->priv = NULL;
   unref(l); /* the file's; fs.c frees f */
 }
@@ -905,7 +995,7 @@ void locks_flock(fuse_req_t req, struct cfs_file *f, int op) {
       if ((cancel = l->h))
         pin_locked(l);
     } else {
-      h = detach_locked(l);
+      h = detach_unpinned_locked(l); /* flock -u: the key is gone when it returns */
     }
     pthread_mutex_unlock(&L.mu);
     if (cancel) {
