@@ -11,10 +11,9 @@
  * Put's answer before the write is acknowledged.
  *
  * Writes are buffered in the open file and committed whole with one request
- * on flush, fsync or release (flush only commits after a write or ftruncate:
+ * on fsync, on the flush of the opener's last close (fs.c flush_commits:
  * the shell's `> file` opens, dup2()s and closes the first descriptor, and
- * that close must not publish the empty truncated value; an open with
- * O_TRUNC or O_CREAT and no write at all is committed by release):
+ * that close must not publish the empty truncated value), or on release:
  *   - opened with O_TRUNC, created, or truncated to 0 before any write: a
  *     plain Put (the new content does not depend on the old);
  *   - otherwise (append, overwrite in place): a Txn that puts only if the

@@ -10,6 +10,7 @@
  *   services.c  /services: instances, registration by an open file
  *   events.c    the watch thread and the /events/ streams
  *   status.c    /status
+ *   procfd.c    /proc: does a closing process keep other descriptors?
  *   notifier.c  the notifier thread: self-operations so inotify works
  *   locks.c     /locks (issue 5) behind the locks_* hooks declared below
  *   log.c       logging: stderr in the foreground, syslog as a daemon (log.h)
@@ -39,8 +40,9 @@
  * Behaviour chosen where DESIGN.md leaves a choice:
  *   - a non-truncating write that lost the race (someone wrote the key after
  *     it was opened) fails its close with EBUSY; transport failures are EIO;
- *   - flush commits only after a write or ftruncate on that file; release
- *     commits whatever is left (a bare `: > file` or `touch newfile`);
+ *   - a flush commits a /config file when /proc shows it is the opener's
+ *     last writable descriptor on it (fs.c flush_commits; after a write
+ *     only, when /proc cannot tell); release commits whatever is left;
  *   - a directory this mount empties (rm, mv, rmdir below it) stays as a
  *     mount-local directory until it is removed, as on a local disk; one
  *     emptied by another client goes (config.c keep_parent);
@@ -203,6 +205,7 @@ struct cfs_file {
   int creating;   /* holds a cfs_node.creating reference (config) */
   int wrote;      /* write() or ftruncate() since the last commit */
   int64_t base_rev;
+  pid_t opener; /* process that opened it for writing (config), 0: unknown */
   /* snapshot for reads (status, directory listings) */
   char *snap;
   size_t snap_len;
@@ -295,6 +298,17 @@ int events_open(struct cfs_file *f, int which, int nonblock);
 void events_read(fuse_req_t req, struct cfs_file *f, size_t size, int nonblock);
 void events_poll(fuse_req_t req, struct cfs_file *f, struct fuse_pollhandle *ph);
 void events_release(struct cfs_file *f);
+
+/* ---------------------------------------------------------------- procfd.c */
+
+/* Learns this mount's device from /proc/self/mountinfo (after the mount). */
+void procfd_init(const char *mountpoint);
+/* 1 if process pid has a writable descriptor on inode ino of this mount,
+ * or if that cannot be told; 0 if it has none.  Reads /proc only: safe in a
+ * handler. */
+int procfd_writer(pid_t pid, fuse_ino_t ino);
+/* The process (thread group) of thread tid, or 0 if it cannot be told. */
+pid_t procfd_tgid(pid_t tid);
 
 /* ---------------------------------------------------------------- status.c */
 

@@ -672,6 +672,8 @@ static void open_path(fuse_req_t req, const char *path, struct fuse_file_info *f
     case T_CONFIG:
       f = cfs_file_new(FK_CONFIG, path);
       rc = f ? config_open(rel, f, fi->flags, create) : -ENOMEM;
+      if (!rc && writable)
+        f->opener = procfd_tgid(fuse_req_ctx(req)->pid);
       fi->keep_cache = 1;
       break;
     case T_SERVICES:
@@ -847,10 +849,34 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
 }
 
 /* flush: only after data was written; fsync: whatever is pending. */
-static int commit(struct cfs_file *f, int is_flush) {
+/* Should this FLUSH commit?  close() sends FLUSH for every descriptor
+ * (dups, children that inherited it) and RELEASE, without waiting for it,
+ * after the last one.  A FLUSH commits a /config file when it is, as far as
+ * /proc can tell (procfd.c), the last close of the process that opened it:
+ * that process has no other writable descriptor on the file.  Then close()
+ * returns with the value in etcd and in this mount's cache, including an
+ * O_TRUNC open with nothing written (`: > file`).  A child closing what it
+ * inherited (`exec 3>f`, then `sleep 1`), or the shell's first close of
+ * `> file` (still open as fd 1), commits nothing: no empty or partial
+ * value is published in between.  When /proc cannot tell, a FLUSH commits
+ * after a write, as before; RELEASE commits whatever is left. */
+static int flush_commits(struct cfs_file *f, fuse_req_t req, fuse_ino_t ino) {
+  if (f->kind != FK_CONFIG || !f->dirty || f->failed)
+    return 0;
+  pid_t who = f->opener ? procfd_tgid(fuse_req_ctx(req)->pid) : 0;
+  if (!who)
+    return f->wrote;
+  if (who != f->opener)
+    return 0;
+  return !procfd_writer(who, ino);
+}
+
+/* Commits an open file's buffer: always for fsync (flush_req NULL); for a
+ * FLUSH as flush_commits says.  /services documents register at each. */
+static int commit(struct cfs_file *f, fuse_req_t flush_req, fuse_ino_t ino) {
   int rc = 0;
   pthread_mutex_lock(&f->lock);
-  if (f->kind == FK_CONFIG && (!is_flush || f->wrote))
+  if (f->kind == FK_CONFIG && (!flush_req || flush_commits(f, flush_req, ino)))
     rc = config_commit(f);
   else if (f->kind == FK_SERVICE)
     rc = services_flush(f);
@@ -859,22 +885,20 @@ static int commit(struct cfs_file *f, int is_flush) {
 }
 
 static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
-  (void)ino;
   CFS_COUNT(ops);
   struct cfs_file *f = FH(fi);
   if (f->kind == FK_LOCK) {
     locks_flush(req, f);
     return;
   }
-  fuse_reply_err(req, -commit(f, 1));
+  fuse_reply_err(req, -commit(f, req, ino));
 }
 
 static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi) {
-  (void)ino;
   (void)datasync;
   CFS_COUNT(ops);
   struct cfs_file *f = FH(fi);
-  fuse_reply_err(req, f->kind == FK_LOCK ? 0 : -commit(f, 0));
+  fuse_reply_err(req, f->kind == FK_LOCK ? 0 : -commit(f, NULL, ino));
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {

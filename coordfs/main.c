@@ -423,6 +423,7 @@ int main(int argc, char **argv) {
     events_stop();
     fail(1);
   }
+  procfd_init(g.o.mountpoint);
   notifier_start();
   if (chdir("/")) {
     /* not fatal: paths are absolute */

@@ -70,6 +70,58 @@ def test_append_and_truncate(etcd, fs):
     assert read(p) == ""
 
 
+def test_truncating_close_is_committed_when_close_returns(etcd, fs):
+    """An O_TRUNC open closed without writing (`: > f`, `cp /dev/null f`)
+    is committed by the FLUSH of that close when the closing process has
+    no other descriptor on the file, not by the RELEASE the kernel sends
+    afterwards: read back at once, the file is empty (one read in five used
+    to see the old value)."""
+    p = C(fs, "tr")
+    for i in range(100):
+        with open(p, "w") as f:
+            f.write("old%d" % i)
+        os.close(os.open(p, os.O_WRONLY | os.O_TRUNC))
+        with open(p) as f:
+            assert f.read() == "", i
+    assert etcd.get("/config/tr") == ""
+    # the same for a write closed from another thread of the process
+    for i in range(20):
+        fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
+        os.write(fd, b"t%d" % i)
+        t = threading.Thread(target=os.close, args=(fd,))
+        t.start()
+        t.join()
+        assert read(p) == "t%d" % i
+
+
+def version(etcd, key):
+    r = etcd.etcdctl_json("get", key)
+    return int(r["kvs"][0]["version"]) if r.get("kvs") else 0
+
+
+@pytest.mark.parametrize("script,value", [
+    ('exec 3>"$F"; sleep 0.1; echo x >&3; exec 3>&-', "x\n"),  # a child closes its inherited copy
+    ('{ echo a; sleep 0.1; echo b; } > "$F"', "a\nb\n"),  # a child exits between two writes
+    ('exec 3>"$F"; echo a >&3; echo b >&3; exec 3>&-', "a\nb\n"),  # each >&3 closes a dup
+    ('echo hi > "$F"', "hi\n"),
+    (': > "$F"', ""),
+    ('exec 3>"$F"; exec 3>&-', ""),
+    ('printf x >> "$F"', "seedx"),
+])
+def test_shell_write_is_one_put(etcd, fs, script, value):
+    """Each shell write to a config file is one Put of the whole value:
+    the closes of dups and of inherited copies publish nothing in between
+    (no empty or partial value reaches a watcher)."""
+    p = C(fs, "sh")
+    sh("printf seed > %s" % q(p))
+    v0 = version(etcd, "/config/sh")
+    r = subprocess.run(["bash", "-c", script], env=dict(os.environ, F=p), timeout=30)
+    assert r.returncode == 0
+    assert etcd.get("/config/sh") == value
+    assert version(etcd, "/config/sh") == v0 + 1
+    assert read(p) == value
+
+
 def test_cp_mv_rm(etcd, fs, tmp_path):
     local = tmp_path / "src.json"
     local.write_text('{"a": 1}\n')
