@@ -304,8 +304,8 @@ void events_release(struct cfs_file *f);
 /* Learns this mount's device from /proc/self/mountinfo (after the mount). */
 void procfd_init(const char *mountpoint);
 /* 1 if process pid has a writable descriptor on inode ino of this mount,
- * or if that cannot be told; 0 if it has none.  Reads /proc only: safe in a
- * handler. */
+ * 0 if it has none, -1 if that cannot be told.  Reads /proc only: safe in
+ * a handler. */
 int procfd_writer(pid_t pid, fuse_ino_t ino);
 /* The process (thread group) of thread tid, or 0 if it cannot be told. */
 pid_t procfd_tgid(pid_t tid);

@@ -868,7 +868,8 @@ static int flush_commits(struct cfs_file *f, fuse_req_t req, fuse_ino_t ino) {
     return f->wrote;
   if (who != f->opener)
     return 0;
-  return !procfd_writer(who, ino);
+  int w = procfd_writer(who, ino);
+  return w < 0 ? f->wrote : !w;
 }
 
 /* Commits an open file's buffer: always for fsync (flush_req NULL); for a

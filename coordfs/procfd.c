@@ -12,9 +12,9 @@
  * a bind mount of this file system (a container's) counts.  Nothing here
  * touches a FUSE file system, so it is safe inside a handler.
  *
- * "Cannot tell" (pid 0 from another pid namespace, /proc unreadable, the
- * device unknown) answers 1, "still open": the caller keeps the cautious
- * choice.  The descriptor being closed is already out of the fd table when
+ * "Cannot tell" (pid 0 from another pid namespace, another user's /proc
+ * entries, the device unknown) is an answer of its own (-1): the caller
+ * keeps its old rule.  The descriptor being closed is already out of the fd table when
  * its FLUSH comes.  Threads: pure reads; cfs_dev is written once before the
  * FUSE loop starts.
  */
@@ -69,16 +69,17 @@ void procfd_init(const char *mountpoint) {
   fclose(f);
 }
 
-/* Is mount mnt_id, as process pid sees it, on this file system's device? */
+/* Is mount mnt_id, as process pid sees it, on this file system's device?
+ * 1 yes, 0 no, -1 cannot tell. */
 static int mount_is_ours(pid_t pid, long mnt_id) {
   char path[64];
   snprintf(path, sizeof path, "/proc/%d/mountinfo", (int)pid);
   FILE *f = fopen(path, "re");
   if (!f)
-    return 1;
+    return -1;
   char *line = NULL;
   size_t cap = 0;
-  int ours = 1; /* not found: cannot tell */
+  int ours = -1; /* not found */
   while (getline(&line, &cap, f) > 0) {
     long id;
     unsigned maj, min;
@@ -106,7 +107,8 @@ pid_t procfd_tgid(pid_t tid) {
   return t ? (pid_t)strtol(t + 6, NULL, 10) : 0;
 }
 
-/* One fdinfo file: 1 if it is a writable descriptor on ino of this mount. */
+/* One fdinfo file: 1 if it is a writable descriptor on ino of this mount,
+ * 0 if not, -1 if that cannot be told. */
 static int fdinfo_is(pid_t pid, const char *path, fuse_ino_t ino) {
   char buf[512];
   int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -118,7 +120,7 @@ static int fdinfo_is(pid_t pid, const char *path, fuse_ino_t ino) {
   buf[n] = 0;
   const char *i = strstr(buf, "\nino:"), *m = strstr(buf, "\nmnt_id:"), *fl = strstr(buf, "\nflags:");
   if (!i || !m || !fl)
-    return 1; /* an older kernel: cannot tell */
+    return -1; /* an older kernel */
   if (strtoull(i + 5, NULL, 10) != ino || (strtoul(fl + 7, NULL, 8) & O_ACCMODE) == O_RDONLY)
     return 0;
   return mount_is_ours(pid, strtol(m + 8, NULL, 10));
@@ -126,14 +128,14 @@ static int fdinfo_is(pid_t pid, const char *path, fuse_ino_t ino) {
 
 int procfd_writer(pid_t pid, fuse_ino_t ino) {
   if (!dev_known || pid <= 0)
-    return 1;
+    return -1;
   char dir[64];
   snprintf(dir, sizeof dir, "/proc/%d/fdinfo", (int)pid);
   DIR *d = opendir(dir);
   if (!d)
-    return 1;
+    return -1; /* gone, or another user's process */
   int found = 0;
-  for (struct dirent *de; !found && (de = readdir(d));) {
+  for (struct dirent *de; found == 0 && (de = readdir(d));) {
     if (de->d_name[0] == '.')
       continue;
     char path[sizeof dir + sizeof de->d_name + 1];
