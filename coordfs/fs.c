@@ -848,7 +848,6 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     fuse_reply_write(req, (size_t)rc);
 }
 
-/* flush: only after data was written; fsync: whatever is pending. */
 /* Should this FLUSH commit?  close() sends FLUSH for every descriptor
  * (dups, children that inherited it) and RELEASE, without waiting for it,
  * after the last one.  A FLUSH commits a /config file when it is, as far as

@@ -1,22 +1,28 @@
 /*
  * procfd.c — does a process still have a writable descriptor on a file of
- * this mount, and which process is a thread part of?  Asked by a FLUSH (fs.c commit): close() sends FLUSH for
- * every descriptor and RELEASE, without waiting for it, after the last one, so a FLUSH that knows it comes
- * from the closing process's last descriptor can do at once what would otherwise happen just after close()
- * returned.
+ * this mount, and which process is a thread part of?
+ *
+ * Asked by a FLUSH (fs.c flush_commits): close() sends FLUSH for every
+ * descriptor, and RELEASE, without waiting for it, after the last one.  A
+ * FLUSH that knows it is the opening process's last close can commit at
+ * once what would otherwise be committed just after close() returned.
  *
  * The answer comes from /proc/<pid>/fdinfo/<fd>: its "ino:", "flags:"
- * (only writable descriptors count) and "mnt_id:" lines, and the device (major:minor) of that mount in
- * /proc/<pid>/mountinfo, compared with this mount's own device, learnt from
- * /proc/self/mountinfo at start-up.  The device, not the mount id, so that
- * a bind mount of this file system (a container's) counts.  Nothing here
- * touches a FUSE file system, so it is safe inside a handler.
+ * (only writable descriptors count) and "mnt_id:" lines, and the device
+ * (major:minor) of that mount in /proc/<pid>/mountinfo, compared with this
+ * mount's own device, learnt from /proc/self/mountinfo at start-up.  The
+ * device, not the mount id, so that a bind mount of this file system (a
+ * container's) counts.  Nothing here touches a FUSE file system, so it is
+ * safe inside a handler.  The descriptor being closed is already out of
+ * the fd table when its FLUSH comes.
  *
  * "Cannot tell" (pid 0 from another pid namespace, another user's /proc
  * entries, the device unknown) is an answer of its own (-1): the caller
- * keeps its old rule.  The descriptor being closed is already out of the fd table when
- * its FLUSH comes.  Threads: pure reads; cfs_dev is written once before the
- * FUSE loop starts.
+ * keeps its old rule.
+ *
+ * Threads: dev_major, dev_minor and dev_known are written once by
+ * procfd_init, on main's thread before the FUSE loop starts; afterwards
+ * everything here only reads.
  */
 #include "coordfs.h"
 

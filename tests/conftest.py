@@ -127,7 +127,8 @@ def build():
 @pytest.fixture
 def coordfs_mount(request, tmp_path):
     """Factory: coordfs_mount(etcd_or_endpoints, *args, mountpoint=None,
-    env=None, check=True) -> CoordfsMount, already mounted.
+    env=None, check=True, wrap=()) -> CoordfsMount, already mounted (wrap:
+    a command line that runs coordfs, such as unshare(1)).
 
     A cluster object adds its TLS options.  At the end of the test every
     mount is unmounted with fusermount3 -u and coordfs is waited for (killed
@@ -139,7 +140,7 @@ def coordfs_mount(request, tmp_path):
     mounts = []
     counter = [0]
 
-    def factory(target, *args, mountpoint=None, env=None, check=True, timeout=None):
+    def factory(target, *args, mountpoint=None, env=None, check=True, timeout=None, wrap=()):
         if isinstance(target, EtcdCluster):
             endpoints = target.endpoints
             args = tuple(target.coordfs_args()) + tuple(args)
@@ -149,6 +150,7 @@ def coordfs_mount(request, tmp_path):
         mp = mountpoint or str(tmp_path / ("mnt%d" % counter[0]))
         m = CoordfsMount(mp, endpoints, args, env=env, binary=binary,
                          log_path=str(tmp_path / ("coordfs%d.log" % counter[0])))
+        m.argv = list(wrap) + m.argv  # e.g. unshare(1): coordfs in a namespace of its own
         m.check_on_exit = check
         mounts.append(m)
         _track(request, "_coord_mounts", m)

@@ -10,6 +10,7 @@ over-large values, odd names, keys that cannot be file names.
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -120,6 +121,24 @@ def test_shell_write_is_one_put(etcd, fs, script, value):
     assert etcd.get("/config/sh") == value
     assert version(etcd, "/config/sh") == v0 + 1
     assert read(p) == value
+
+
+@pytest.mark.skipif(not shutil.which("unshare"), reason="no unshare(1)")
+def test_flush_without_proc_keeps_the_old_rule(etcd, coordfs_mount):
+    """coordfs in a pid namespace of its own sees its callers as pid 0, so
+    /proc cannot say whether a close is the opener's last (procfd.c's
+    "cannot tell"): a FLUSH then commits after a write, as before, and an
+    unwritten truncation at RELEASE.  Every value still arrives whole."""
+    m = coordfs_mount(etcd, wrap=["unshare", "--pid", "--fork", "--kill-child"])
+    p = C(m, "np")
+    sh("printf x > %s" % q(p))
+    assert etcd.get("/config/np") == "x"  # committed by the FLUSH: before close() returned
+    assert read(p) == "x"
+    sh("{ echo a; sleep 0.1; echo b; } > %s" % q(p))
+    assert etcd.get("/config/np") == "a\nb\n"
+    sh(": > %s" % q(p))
+    wait_for(lambda: etcd.get("/config/np") == "", 5, what="the truncation, at RELEASE")
+    assert read(p) == ""
 
 
 def test_cp_mv_rm(etcd, fs, tmp_path):
