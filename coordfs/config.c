@@ -681,50 +681,58 @@ static void free_moves(struct collect *cl) {
 /* etcd's default --max-txn-ops is 128: a put and a delete per key. */
 #define MAX_MOVE_KEYS 64
 
+/* 1 if path is dir or below it. */
+static int at_or_below(const char *path, const char *dir, size_t dl) {
+  return !strncmp(path, dir, dl) && (!path[dl] || path[dl] == '/');
+}
+
 /* Moves the mount-local directories at fk and below it to tk.  g.lock
- * held.  The paths are collected first: cache_node() may grow the table. */
+ * held.  The nodes are collected first and changed afterwards:
+ * cache_set_localdir() and cache_node() may add nodes and grow the table. */
 static int move_localdirs(const char *fk, const char *tk) {
   size_t fl = strlen(fk), n = 0, cap = 0;
-  char **paths = NULL;
-  int rc = 0;
-  for (size_t i = 0; i < g.config.cap && !rc; i++)
-    for (struct cfs_node *x = g.config.tab[i]; x && !rc; x = x->next) {
-      if (!x->localdir || strncmp(x->path, fk, fl) || (x->path[fl] && x->path[fl] != '/'))
+  struct cfs_node **src = NULL;
+  for (size_t i = 0; i < g.config.cap; i++)
+    for (struct cfs_node *x = g.config.tab[i]; x; x = x->next) {
+      if (!x->localdir || !at_or_below(x->path, fk, fl))
         continue;
       if (n == cap) {
-        char **p = realloc(paths, (cap = cap ? cap * 2 : 8) * sizeof(*p));
-        if (!p) {
-          rc = -ENOMEM;
-          break;
+        struct cfs_node **v = realloc(src, (cap = cap ? cap * 2 : 8) * sizeof(*v));
+        if (!v) {
+          free(src);
+          return -ENOMEM;
         }
-        paths = p;
+        src = v;
       }
-      char *t = malloc(strlen(tk) + strlen(x->path) - fl + 1);
-      if (!t) {
-        rc = -ENOMEM;
-        break;
-      }
-      sprintf(t, "%s%s", tk, x->path + fl);
-      paths[n++] = t;
-      cache_set_localdir(&g.config, x, 0);
+      src[n++] = x;
     }
+  int rc = 0;
   for (size_t i = 0; i < n; i++) {
-    struct cfs_node *d = cache_node(&g.config, paths[i]);
+    char *t = malloc(strlen(tk) + strlen(src[i]->path) - fl + 1);
+    if (!t) {
+      rc = -ENOMEM;
+      continue; /* the source stays where it was */
+    }
+    sprintf(t, "%s%s", tk, src[i]->path + fl);
+    cache_set_localdir(&g.config, src[i], 0); /* a node is never freed here */
+    struct cfs_node *d = cache_node(&g.config, t);
     if (d && !d->ndesc)
       cache_set_localdir(&g.config, d, 1);
-    free(paths[i]);
+    free(t);
   }
-  free(paths);
+  free(src);
   return rc;
 }
 
-/* Works out a rename with g.lock held: the keys to move (cl), or *local
- * when only mount-local directories move.  0 or -errno. */
+/* Works out a rename with g.lock held: the keys to move (cl), whether a
+ * directory moves (*dir), and *local when only mount-local directories
+ * move.  0 or -errno. */
 static int plan_rename(const char *from, const char *to, const char *fk, const char *tk, unsigned flags,
-                       struct collect *cl, int *local) {
+                       struct collect *cl, int *dir, int *local) {
   struct cfs_node *src = cache_find(&g.config, fk), *dst = cache_find(&g.config, tk);
   *local = 0;
-  if (is_value_path(from) || !cache_is_dir(src)) { /* a file */
+  *dir = !is_value_path(from) && cache_is_dir(src);
+  if (!*dir) { /* a file */
     if (!src || !src->present)
       return src && src->creating ? -EBUSY : -ENOENT;
     if (!is_value_path(to) && cache_is_dir(dst))
@@ -744,9 +752,7 @@ static int plan_rename(const char *from, const char *to, const char *fk, const c
   size_t fl = strlen(fk);
   for (size_t i = 0; i < g.config.cap; i++)
     for (struct cfs_node *n = g.config.tab[i]; n; n = n->next) {
-      if (!n->present || n->bad)
-        continue;
-      if (strcmp(n->path, fk) && !(!strncmp(n->path, fk, fl) && n->path[fl] == '/'))
+      if (!n->present || n->bad || !at_or_below(n->path, fk, fl))
         continue;
       if (cl->n >= MAX_MOVE_KEYS)
         return -EXDEV; /* mv falls back to copy and delete */
@@ -828,11 +834,10 @@ int config_rename(const char *from, const char *to, unsigned flags) {
     return -EINVAL;
   }
   struct collect cl = {0};
-  int local = 0;
+  int local = 0, dir = 0;
   char *forget = NULL;
   pthread_mutex_lock(&g.lock);
-  int dir = !is_value_path(from) && cache_is_dir(cache_find(&g.config, fk));
-  int rc = plan_rename(from, to, fk, tk, flags, &cl, &local);
+  int rc = plan_rename(from, to, fk, tk, flags, &cl, &dir, &local);
   if (!rc && local) { /* only mount-local directories: nothing in etcd */
     rc = move_localdirs(fk, tk);
     forget = keep_parent(fk);
