@@ -338,13 +338,21 @@ def test_watch_reconnect_does_not_lose_updates(etcd_cluster, backends):
 
 # --------------------------------------------------------------- other languages
 
+# Calls go to READY connections only, so the client calls until every
+# expected backend has answered (a loaded machine may connect the second one
+# after the first few calls), then makes 10 more: with both connections up,
+# round robin alternates.  It prints "TAIL" and those ids.
 PY_CLIENT = textwrap.dedent("""
-    import sys, grpc
-    name, n = sys.argv[1], int(sys.argv[2])
+    import sys, time, grpc
+    name, want = sys.argv[1], set(sys.argv[2:])
     ch = grpc.insecure_channel("xds:///" + name)
     who = ch.unary_unary("/coord.example.Echo/Who")
-    for i in range(n):
-        print(who(b"", timeout=10).decode(), flush=True)
+    seen, deadline = [], time.monotonic() + 30
+    while not want <= set(seen) and time.monotonic() < deadline:
+        seen.append(who(b"", timeout=10).decode())
+        time.sleep(0.002)
+    print(" ".join(seen), flush=True)
+    print("TAIL " + " ".join(who(b"", timeout=10).decode() for i in range(10)), flush=True)
 """)
 
 
@@ -358,6 +366,7 @@ def test_python_client_through_coord_xds(etcd, backends, tmp_path):
 
     bootfile = str(tmp_path / "bootstrap.json")
     xds = start_prog(XDS, "--listen", "127.0.0.1:0", "--bootstrap-file", bootfile, endpoints=etcd)
+    want = {"py": ["p0", "p1"], "py2": ["q0", "q1"]}
     try:
         Lines(xds).expect("LISTENING")
         for i in range(2):
@@ -369,17 +378,21 @@ def test_python_client_through_coord_xds(etcd, backends, tmp_path):
         env.pop("GRPC_XDS_BOOTSTRAP_CONFIG", None)
         env["GRPC_XDS_BOOTSTRAP"] = bootfile
         # several clients (several ADS streams) and two services at once
-        procs = [subprocess.Popen(["/usr/bin/python3", str(script), svc, "20"], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-                 for svc in ("py", "py2", "py", "py2")]
-        for p, svc in zip(procs, ("py", "py2", "py", "py2")):
+        names = ("py", "py2", "py", "py2")
+        procs = [subprocess.Popen(["/usr/bin/python3", str(script), svc] + want[svc], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for svc in names]
+        for p, svc in zip(procs, names):
             try:
                 o, e = p.communicate(timeout=60)
             finally:
                 end_process(p, signal.SIGKILL)
             assert p.returncode == 0, e
-            seen = set(o.split())
-            assert seen == ({"p0", "p1"} if svc == "py" else {"q0", "q1"}), (svc, o)
+            first, tail = o.splitlines()
+            assert set(first.split()) == set(want[svc]), (svc, o)
+            tail = tail.split()[1:]
+            assert len(tail) == 10 and set(tail) <= set(want[svc]), (svc, o)
+            # both connections are up: round robin alternates
+            assert all(a != b for a, b in zip(tail, tail[1:])), ("not round robin", svc, o)
     finally:
         end_process(xds)
     err = xds.stderr.read()
