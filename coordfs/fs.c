@@ -665,6 +665,11 @@ static void open_path(fuse_req_t req, const char *path, struct fuse_file_info *f
     if (!f)
       rc = -ENOMEM;
     fi->keep_cache = 1;
+    /* no FLUSH at the notifier's close(): it has nothing to commit, and
+     * close is then one round trip fewer (and cannot stall the notifier
+     * where the caller of close keeps other threads from running, as
+     * valgrind does) */
+    fi->noflush = 1;
   } else if (writable && g.o.ro) {
     rc = -EROFS;
   } else {
@@ -688,8 +693,10 @@ static void open_path(fuse_req_t req, const char *path, struct fuse_file_info *f
       }
       f = cfs_file_new(FK_EVENTS, path);
       rc = f ? events_open(f, event_which(rel), fi->flags & O_NONBLOCK) : -ENOMEM;
+      /* Seekable, though the offset means nothing to a stream: head(1)
+       * seeks back over what it read past its last line and reports an
+       * error when a regular file refuses. */
       fi->direct_io = 1;
-      fi->nonseekable = 1;
       break;
     case T_STATUS:
       if (writable || create) {

@@ -22,7 +22,9 @@
  * the lookup of a name being created answers ENOENT (the cache already has
  * it), the lookup of a name being deleted answers as it was, and open,
  * write, setattr, create, mkdir, unlink and rmdir are no-ops that never reach
- * etcd.  notifier_current() tells fs.c which job is in progress.
+ * etcd; its opens are answered with noflush, so its close() sends no FLUSH
+ * (and RELEASE does not wait).  notifier_current() tells fs.c which job is
+ * in progress.
  *
  * Rules: a self-operation is only ever performed from this thread, never
  * from inside a FUSE handler, and never while holding g.lock, ev_lock or any

@@ -167,3 +167,41 @@ def test_reader_that_does_not_keep_up_gets_a_lost_line(etcd, fs):
         assert lines[-1]["value"] == "x"
     finally:
         os.close(fd)
+
+
+def opened(pid, path):
+    try:
+        fds = os.listdir("/proc/%d/fd" % pid)
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == path:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def test_shell_tools_read_the_stream(etcd, fs):
+    """`head -n 2` and `grep -m 1` stop after their lines, quietly (head
+    seeks back over what it read beyond them), and `read` takes one line."""
+    path = E(fs, "config")
+    tools = {"head": ["head", "-n", "2", path], "grep": ["grep", "-m", "1", '"key":"g1"', path],
+             "read": ["bash", "-c", 'read -r l < "$1" && printf "%s\\n" "$l"', "-", path]}
+    for name, argv in tools.items():
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: opened(p.pid, path), 10, what="%s opened the stream" % name)  # it starts at open
+            etcd.put("/config/g0", name)
+            etcd.put("/config/g1", name)
+            out, err = p.communicate(timeout=10)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 0 and err == "", (name, p.returncode, err)
+        lines = [json.loads(line) for line in out.splitlines()]
+        want = {"head": ["g0", "g1"], "grep": ["g1"], "read": ["g0"]}[name]
+        assert [e["key"] for e in lines] == want, (name, out)
+        assert all(e["value"] == name for e in lines), (name, out)
