@@ -949,6 +949,37 @@ def _mounts_on(path):
     return out
 
 
+def mount_device(mount_id):
+    """The minor device number of a mount (a FUSE connection's number in
+    /sys/fs/fuse/connections), or None."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields and fields[0] == mount_id:
+                    return int(fields[2].split(":")[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def abort_fuse_connection(minor):
+    """Abort a FUSE connection through fusectl (mounted here if it is not):
+    every request waiting on it fails, so a daemon stuck in a request to its
+    own mount can exit.  Returns whether it was aborted."""
+    ctl = "/sys/fs/fuse/connections"
+    if minor is None:
+        return False
+    if not os.path.exists(os.path.join(ctl, str(minor))):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", ctl], capture_output=True)
+    try:
+        with open(os.path.join(ctl, str(minor), "abort"), "w") as f:
+            f.write("1")
+        return True
+    except OSError:
+        return False
+
+
 def mount_ids(path):
     """Mount IDs of the mounts on path (a stale, disconnected FUSE mount
     still counts)."""
@@ -998,6 +1029,7 @@ class CoordfsMount:
         self.proc = None
         self.returncode = None
         self.mount_id = None
+        self.device = None
 
     @property
     def pid(self):
@@ -1024,6 +1056,7 @@ class CoordfsMount:
                     self.path, timeout, tail(self.log_path, 60)))
             time.sleep(0.02)
         self.mount_id = sorted(mount_ids(self.path) - before)[-1]
+        self.device = mount_device(self.mount_id)
         return self
 
     @property
@@ -1065,7 +1098,15 @@ class CoordfsMount:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            end_process(self.proc, signal.SIGTERM, 5)
+            try:
+                end_process(self.proc, signal.SIGTERM, 5)
+            except subprocess.TimeoutExpired:
+                # even SIGKILL cannot end a process one of whose threads
+                # waits on its own mount: abort the connection, then fail
+                abort_fuse_connection(self.device)
+                self.proc.wait(10)
+                raise HarnessError("coordfs %s had to be ended by aborting its FUSE connection:\n%s" %
+                                   (self.path, tail(self.log_path, 40)))
         _live.discard(self.proc)
         if self.on_top:  # coordfs died without unmounting
             fusermount_u(self.path, lazy=True)
