@@ -934,32 +934,27 @@ def finish_prog(p, timeout=60.0, expect_rc=0, check=True):
 
 # ------------------------------------------------------------------ coordfs
 
+def _mountinfo():
+    """The lines of /proc/self/mountinfo, split into fields ([] if unreadable)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return [line.split() for line in f]
+    except OSError:
+        return []
+
+
 def _mounts_on(path):
     """[(mount id, parent id)] of the mounts on path, from /proc/self/mountinfo."""
     path = os.path.realpath(path)
-    out = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == path:
-                    out.append((fields[0], fields[1]))
-    except OSError:
-        pass
-    return out
+    return [(f[0], f[1]) for f in _mountinfo() if len(f) > 4 and _unescape(f[4]) == path]
 
 
 def mount_device(mount_id):
     """The minor device number of a mount (a FUSE connection's number in
     /sys/fs/fuse/connections), or None."""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields and fields[0] == mount_id:
-                    return int(fields[2].split(":")[1])
-    except (OSError, ValueError, IndexError):
-        pass
+    for f in _mountinfo():
+        if len(f) > 2 and f[0] == mount_id and ":" in f[2]:
+            return int(f[2].split(":")[1])
     return None
 
 
@@ -1095,6 +1090,7 @@ class CoordfsMount:
             r = fusermount_u(self.path)
             if r.returncode != 0 and self.on_top:
                 fusermount_u(self.path, lazy=True)
+        aborted = False
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -1103,14 +1099,15 @@ class CoordfsMount:
             except subprocess.TimeoutExpired:
                 # even SIGKILL cannot end a process one of whose threads
                 # waits on its own mount: abort the connection, then fail
-                abort_fuse_connection(self.device)
+                aborted = abort_fuse_connection(self.device)
                 self.proc.wait(10)
-                raise HarnessError("coordfs %s had to be ended by aborting its FUSE connection:\n%s" %
-                                   (self.path, tail(self.log_path, 40)))
         _live.discard(self.proc)
         if self.on_top:  # coordfs died without unmounting
             fusermount_u(self.path, lazy=True)
         self.returncode = self.proc.returncode
+        if aborted:
+            raise HarnessError("coordfs %s had to be ended by aborting its FUSE connection:\n%s" %
+                               (self.path, tail(self.log_path, 40)))
         return self.returncode
 
     def kill(self, sig=signal.SIGKILL):
