@@ -23,8 +23,10 @@
  * state/next_rev/known, the stream pointer and the flags.  Callbacks are
  * called on the event thread without ws->mu; `in_cb` marks a watcher whose
  * callback is running so that coord__watch_remove from another thread waits
- * for it (ws->cv).  A tick timer reopens the stream after a failure (next
- * endpoint, back-off) and sends pending creates.
+ * for it (ws->cv).  Rule: in_cb is raised while ws->mu is still held from
+ * the look-up that found the watcher (deliver_locked); a watcher looked at
+ * under one hold of ws->mu and used after another may already be freed.  A tick timer reopens the stream
+ * after a failure (next endpoint, back-off) and sends pending creates.
  */
 #include "internal.h"
 #include "stream.h"
@@ -170,20 +172,21 @@ static int unref_locked(watches_t *ws, coord__watcher_t *w) {
   return 0;
 }
 
-/* Calls w's callback without ws->mu, marking it busy. */
-static void deliver(coord__watcher_t *w, const coord_event_t *evs, size_t n, int status) {
-  watches_t *ws = w->ws;
-  pthread_mutex_lock(&ws->mu);
-  if (w->state == W_DEAD) {
-    pthread_mutex_unlock(&ws->mu);
-    return;
-  }
+/* Calls w's callback without ws->mu.  Called and returns with ws->mu held;
+ * the in_cb reference is taken before the lock is let go, so that a
+ * coord__watch_remove on another thread, which waits for in_cb to reach 0,
+ * cannot free w between the caller's last look at it and the call.  Returns
+ * 1 if w was freed (an orphan whose callback removed it): the caller must not
+ * touch w again.  A caller that holds its own reference never sees 1. */
+static int deliver_locked(watches_t *ws, coord__watcher_t *w, const coord_event_t *evs, size_t n,
+                          int status) {
+  if (w->state == W_DEAD)
+    return 0;
   w->in_cb++;
   pthread_mutex_unlock(&ws->mu);
   w->cb(w->arg, evs, n, status);
   pthread_mutex_lock(&ws->mu);
-  unref_locked(ws, w);
-  pthread_mutex_unlock(&ws->mu);
+  return unref_locked(ws, w);
 }
 
 static void events_free(coord_event_t *evs, size_t n) {
@@ -400,17 +403,13 @@ static void range_done(coord_t *c, int status, coord_kv_result_t *r, void *arg) 
   }
   if (status) {
     /* the watch cannot go on (permission denied, compacted seed, ...) */
-    pthread_mutex_unlock(&ws->mu);
-    deliver(w, NULL, 0, status);
-    pthread_mutex_lock(&ws->mu);
+    deliver_locked(ws, w, NULL, 0, status); /* the read's reference keeps w */
     w->state = W_DEAD;
     unref_locked(ws, w); /* the read's reference */
     pthread_mutex_unlock(&ws->mu);
     return;
   }
-  pthread_mutex_unlock(&ws->mu);
   diff_t d = {0};
-  pthread_mutex_lock(&ws->mu);
   if (state == W_SEEDING && !w->with_current) {
     /* the seed only fills known */
     size_t ns = coord__ns_len(c);
@@ -427,14 +426,12 @@ static void range_done(coord_t *c, int status, coord_kv_result_t *r, void *arg) 
     w->next_rev = r->revision + 1;
   w->state = W_PENDING;
   kick_locked(ws);
+  if (d.n)
+    deliver_locked(ws, w, d.evs, d.n, 0); /* the read's reference keeps w */
+  unref_locked(ws, w);                    /* the read's reference, dropped last */
   pthread_mutex_unlock(&ws->mu);
   coord_kv_result_free(r);
-  if (d.n)
-    deliver(w, d.evs, d.n, 0);
   events_free(d.evs, d.n);
-  pthread_mutex_lock(&ws->mu);
-  unref_locked(ws, w); /* the read's reference, dropped last */
-  pthread_mutex_unlock(&ws->mu);
 }
 
 /* Starts a seed or resync read (ws->mu held; takes an in_cb reference so
@@ -477,13 +474,11 @@ static void on_response(coord__stream_t *s, ProtobufCMessage *msg, void *arg) {
         return;
       }
     }
-    pthread_mutex_unlock(&ws->mu);
     const char *why = r->cancel_reason && *r->cancel_reason ? r->cancel_reason : "cancelled by etcd";
     int code = strstr(why, "permission") ? COORD_EACCES : COORD_EIO;
     coord__err(code, "watch cancelled: %s", why);
-    deliver(w, NULL, 0, code);
-    pthread_mutex_lock(&ws->mu);
-    w->state = W_DEAD;
+    if (!deliver_locked(ws, w, NULL, 0, code))
+      w->state = W_DEAD;
     pthread_mutex_unlock(&ws->mu);
     return;
   }
@@ -506,11 +501,11 @@ static void on_response(coord__stream_t *s, ProtobufCMessage *msg, void *arg) {
               ev->type == COORD_EVENT_PUT ? ev->revision : -1);
     n++;
   }
-  if (n)
+  if (n) {
     w->next_rev = evs[n - 1].revision + 1;
+    deliver_locked(ws, w, evs, n, 0);
+  }
   pthread_mutex_unlock(&ws->mu);
-  if (n)
-    deliver(w, evs, n, 0);
   events_free(evs, n);
 }
 
