@@ -286,6 +286,7 @@ int services_read(struct cfs_file *f, size_t size, off_t off, char **out, size_t
 int services_write(struct cfs_file *f, const char *buf, size_t size, off_t off);
 int services_flush(struct cfs_file *f);
 void services_release(struct cfs_file *f);
+void services_shutdown(void); /* before coord_close: waits for re-registrations */
 int services_unlink(const char *rel);
 int services_xattr(const char *rel, const char *name, char *buf, size_t size);
 

@@ -450,6 +450,7 @@ int main(int argc, char **argv) {
   notifier_stop();
   locks_shutdown(); /* first: frees the lock files, incl. pending opens */
   cfs_files_shutdown();
+  services_shutdown();
   coord_close(g.c);
   fuse_session_destroy(se);
   fuse_opt_free_args(&args);

@@ -28,14 +28,22 @@
  * valid document until its file is released, which unlinks and frees it.
  * libcoord's lease-lost callback gets the registration's number, not a
  * pointer, and finds it in the list (or not, once released).
+ *
+ * Threads: a lost lease starts a re-registration thread (reregister) that
+ * uses g.c; rereg_threads counts them under reg_lock, and services_shutdown
+ * (before coord_close) stops new ones, wakes the waiting ones and waits for
+ * all to end, so that none outlives the client.
  */
 #include "coordfs.h"
+#include "log.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define SERVICES_PREFIX "/services/"
@@ -192,8 +200,11 @@ struct reg {
   struct reg *next;
 };
 static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t rereg_cv = PTHREAD_COND_INITIALIZER; /* rereg_* changed */
 static struct reg *regs;
 static uint64_t next_reg_id = 1;
+static int rereg_threads; /* reregister threads running, under reg_lock */
+static int rereg_stop;    /* services_shutdown has begun, under reg_lock */
 
 static struct reg *reg_find(uint64_t id) {
   for (struct reg *r = regs; r; r = r->next)
@@ -236,13 +247,25 @@ static int put_instance(const char *key, const char *value, size_t len, int64_t 
   return rc;
 }
 
-/* Re-registration after a lost lease, on a thread of its own (the lost
- * callback runs on libcoord's event thread, which must not block). */
-static void *reregister(void *arg) {
-  uint64_t id = (uint64_t)(uintptr_t)arg;
+/* Waits up to 1 s, or less if services_shutdown begins; 1 if it has. */
+static int rereg_pause(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  ts.tv_sec += 1;
+  pthread_mutex_lock(&reg_lock);
+  while (!rereg_stop && pthread_cond_timedwait(&rereg_cv, &reg_lock, &ts) == 0)
+    ;
+  int stop = rereg_stop;
+  pthread_mutex_unlock(&reg_lock);
+  return stop;
+}
+
+/* The attempts of one re-registration: until one succeeds, the file is
+ * released, 100 have failed or services_shutdown begins. */
+static void reregister_attempts(uint64_t id) {
   for (int attempt = 0; attempt < 100; attempt++) {
     pthread_mutex_lock(&reg_lock);
-    struct reg *r = reg_find(id);
+    struct reg *r = rereg_stop ? NULL : reg_find(id);
     char *key = r ? strdup(r->key) : NULL, *value = r ? malloc(r->len + 1) : NULL;
     size_t len = r ? r->len : 0;
     if (value)
@@ -251,7 +274,7 @@ static void *reregister(void *arg) {
     if (!key || !value) {
       free(key);
       free(value);
-      return NULL; /* released meanwhile */
+      return; /* released meanwhile */
     }
     int64_t lease = 0;
     int rc = grant(id, &lease);
@@ -267,11 +290,23 @@ static void *reregister(void *arg) {
       pthread_mutex_unlock(&reg_lock);
       if (!r) /* released while we registered: undo */
         coord_lease_revoke(g.c, lease);
-      return NULL;
+      return;
     }
     CFS_COUNT(errors);
-    sleep(1);
+    if (rereg_pause())
+      return;
   }
+}
+
+/* Re-registration after a lost lease, on a thread of its own (the lost
+ * callback runs on libcoord's event thread, which must not block). */
+static void *reregister(void *arg) {
+  reregister_attempts((uint64_t)(uintptr_t)arg);
+  pthread_mutex_lock(&reg_lock);
+  assert(rereg_threads > 0);
+  rereg_threads--;
+  pthread_cond_broadcast(&rereg_cv);
+  pthread_mutex_unlock(&reg_lock);
   return NULL;
 }
 
@@ -279,11 +314,25 @@ static void on_lease_lost(int64_t lease, void *arg) {
   uint64_t id = (uint64_t)(uintptr_t)arg;
   pthread_mutex_lock(&reg_lock);
   struct reg *r = reg_find(id);
-  int again = r && r->lease == lease;
-  pthread_mutex_unlock(&reg_lock);
+  int again = r && r->lease == lease && !rereg_stop;
+  if (again)
+    cfs_log(LOG_WARNING, "lease %llx of /services/%s lost: registering it again", (unsigned long long)lease,
+            r->key);
   pthread_t t;
-  if (again && !pthread_create(&t, NULL, reregister, arg))
+  if (again && !pthread_create(&t, NULL, reregister, arg)) {
     pthread_detach(t);
+    rereg_threads++; /* under reg_lock before the thread can end */
+  }
+  pthread_mutex_unlock(&reg_lock);
+}
+
+void services_shutdown(void) {
+  pthread_mutex_lock(&reg_lock);
+  rereg_stop = 1;
+  pthread_cond_broadcast(&rereg_cv);
+  while (rereg_threads > 0) /* each ends within its libcoord call's timeout */
+    pthread_cond_wait(&rereg_cv, &reg_lock);
+  pthread_mutex_unlock(&reg_lock);
 }
 
 /* Registers (or replaces) f's instance with value.  0 or -errno. */

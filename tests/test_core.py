@@ -62,6 +62,15 @@ def test_lease_survives_3x_ttl_and_is_revoked_on_close(etcd):
     assert etcd.etcdctl("get", "t/leased") == ""
 
 
+def test_lease_stop_waits_for_a_running_lost_callback(etcd):
+    """A lease revoked behind the client's back: its lost callback starts and
+    takes 500 ms; keepalive_stop and revoke called meanwhile return only
+    after it, so the callback's argument may be freed when they do."""
+    out = run_prog("tests/core_kv", "lost-stop", endpoints=etcd, timeout=60)
+    assert "ok stop waits for the lost callback" in out
+    assert "ok revoke waits for the lost callback" in out
+
+
 def test_watch_1000_puts_in_order(etcd):
     rev = etcd.revision()
     w = start_prog("tests/core_watch", "events", "w/", str(rev + 1), "w/end", "60000", endpoints=etcd)

@@ -238,7 +238,9 @@ int coord_lease_ttl(coord_t *c, int64_t id, int64_t *remaining_ms, int64_t *gran
 /* Keep the lease alive on the client's one KeepAlive stream (renewed at
  * TTL/3) until coord_lease_keepalive_stop, coord_lease_revoke or close.
  * lost (may be NULL) is called once on the event thread if etcd reports the
- * lease gone. */
+ * lease gone.  Once coord_lease_keepalive_stop or coord_lease_revoke of the
+ * lease has returned, lost is not running and will not be called, so arg
+ * may be freed (from inside a callback, lost may be the one running). */
 typedef void (*coord_lease_lost_cb)(int64_t id, void *arg);
 int coord_lease_keepalive(coord_t *c, int64_t id, coord_lease_lost_cb lost, void *arg);
 int coord_lease_keepalive_stop(coord_t *c, int64_t id);
@@ -310,8 +312,11 @@ void coord_lock_cancel(coord_lock_t *lock);
  * cancelled, and its callback is not called after this returns. */
 int coord_lock_unlock(coord_lock_t *lock);
 int coord_lock_ttl(coord_lock_t *lock, int64_t *remaining_ms);
-const char *coord_lock_key(coord_lock_t *lock); /* full key, no namespace */
-int64_t coord_lock_token(coord_lock_t *lock);   /* fencing: create revision */
+/* Full key, no namespace; NULL until a lease is assigned.  A retry with a
+ * fresh lease gives a new key; every string returned stays valid until
+ * coord_lock_unlock. */
+const char *coord_lock_key(coord_lock_t *lock);
+int64_t coord_lock_token(coord_lock_t *lock); /* fencing: create revision */
 /* 0 while held, COORD_ELOST once lost, 1 while still waiting. */
 int coord_lock_state(coord_lock_t *lock);
 /* Called once on the event thread when a held lock is lost (lease expired

@@ -118,6 +118,10 @@ int coord__txn_result_from_pb(coord_t *c, const Etcdserverpb__TxnResponse *pb, c
  * lost. */
 int coord__lease_keepalive_until(coord_t *c, int64_t id, int64_t expires, coord_lease_lost_cb lost,
                                  void *arg);
+/* coord_lease_keepalive_stop without its wait for a lost callback of id in
+ * progress: for callers that hold a lock that callback takes (the lock
+ * pool), which make arg outlive the callback themselves. */
+void coord__lease_keepalive_forget(coord_t *c, int64_t id);
 /* The client's default call timeout (ms). */
 int coord__default_timeout_ms(coord_t *c);
 

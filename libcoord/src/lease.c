@@ -11,8 +11,13 @@
  *
  * A tick timer (every TICK_MS on the event thread) sends due renewals,
  * detects local expiry and reopens the stream (on the next endpoint) after
- * a failure.  ls->mu guards the kept list, the stream pointer and the flags;
- * callbacks (lost) are called without it.
+ * a failure.  ls->mu guards the kept list, the stream pointer, the flags
+ * and `calling`; callbacks (lost) are called without it.  A lease leaves
+ * the kept set and enters `calling` in one hold of ls->mu, and
+ * coord_lease_keepalive_stop / coord_lease_revoke wait while their lease is
+ * in `calling`: after they return, its lost callback is not running and
+ * never will.  Internal callers that hold a lock their lost callback takes
+ * use coord__lease_keepalive_forget, which does not wait.
  */
 #include "internal.h"
 #include "stream.h"
@@ -34,11 +39,19 @@ typedef struct kept {
   struct kept *next;
 } kept_t;
 
+typedef struct lost_call {
+  coord_lease_lost_cb fn;
+  void *arg;
+  int64_t id;
+} lost_call_t;
+
 typedef struct leases {
   coord_t *c;
   pthread_mutex_t mu;
   pthread_cond_t cv;
   kept_t *kept;
+  const lost_call_t *calling; /* the lost callbacks the event thread is */
+  size_t ncalling;            /* calling now, off ls->mu (else NULL, 0) */
   coord__stream_t *stream;
   int failures;
   int64_t reconnect_at;
@@ -84,11 +97,23 @@ int coord_lease_grant(coord_t *c, int64_t ttl_ms, int64_t *id) {
   return rc;
 }
 
-/* Removes id from the kept set without calling its lost callback. */
-static void unkeep(coord_t *c, int64_t id) {
+static int calling_locked(const leases_t *ls, int64_t id) {
+  for (size_t i = 0; i < ls->ncalling; i++)
+    if (ls->calling[i].id == id)
+      return 1;
+  return 0;
+}
+
+/* Removes id from the kept set without calling its lost callback.  With
+ * wait, off the event thread, it also waits for a lost callback of id that
+ * the event thread is running: once the public stop or revoke returns, the
+ * callback's arg is the caller's to free.  (On the event thread no lost
+ * callback can be running but the caller's own.) */
+static void unkeep(coord_t *c, int64_t id, int wait) {
   leases_t *ls = coord__slot_get(c, COORD__SLOT_LEASE);
   if (!ls)
     return;
+  wait = wait && !coord__on_event_thread(c);
   pthread_mutex_lock(&ls->mu);
   for (kept_t **pp = &ls->kept; *pp; pp = &(*pp)->next) {
     if ((*pp)->id == id) {
@@ -98,13 +123,19 @@ static void unkeep(coord_t *c, int64_t id) {
       break;
     }
   }
+  while (wait && calling_locked(ls, id))
+    pthread_cond_wait(&ls->cv, &ls->mu);
   pthread_mutex_unlock(&ls->mu);
+}
+
+void coord__lease_keepalive_forget(coord_t *c, int64_t id) {
+  unkeep(c, id, 0);
 }
 
 int coord_lease_revoke(coord_t *c, int64_t id) {
   if (!c || id <= 0)
     return coord__err(COORD_EINVAL, "coord_lease_revoke: NULL client or bad lease id");
-  unkeep(c, id);
+  unkeep(c, id, 1);
   Etcdserverpb__LeaseRevokeRequest req = ETCDSERVERPB__LEASE_REVOKE_REQUEST__INIT;
   req.id = id;
   ProtobufCMessage *resp = NULL;
@@ -138,16 +169,25 @@ int coord_lease_ttl(coord_t *c, int64_t id, int64_t *remaining_ms, int64_t *gran
 
 /* ---------------------------------------------------------------- stream */
 
-typedef struct lost_call {
-  coord_lease_lost_cb fn;
-  void *arg;
-  int64_t id;
-} lost_call_t;
+/* Under ls->mu, in the same hold that took the leases off the kept set:
+ * v is what unkeep waits on until call_lost is over. */
+static void calling_publish_locked(leases_t *ls, const lost_call_t *v, size_t n) {
+  assert(ls->calling == NULL); /* lost callbacks run on the event thread only */
+  ls->calling = v;
+  ls->ncalling = n;
+}
 
-static void call_lost(lost_call_t *v, size_t n) {
+/* Runs the lost callbacks published as ls->calling (event thread, ls->mu
+ * not held), then withdraws them. */
+static void call_lost(leases_t *ls, const lost_call_t *v, size_t n) {
   for (size_t i = 0; i < n; i++)
     if (v[i].fn)
       v[i].fn(v[i].id, v[i].arg);
+  pthread_mutex_lock(&ls->mu);
+  ls->calling = NULL;
+  ls->ncalling = 0;
+  pthread_cond_broadcast(&ls->cv);
+  pthread_mutex_unlock(&ls->mu);
 }
 
 static void ka_message(coord__stream_t *s, ProtobufCMessage *msg, void *arg) {
@@ -175,10 +215,12 @@ static void ka_message(coord__stream_t *s, ProtobufCMessage *msg, void *arg) {
     }
     break;
   }
+  if (lost.id)
+    calling_publish_locked(ls, &lost, 1);
   pthread_mutex_unlock(&ls->mu);
   if (lost.id)
     coord__err(COORD_ELOST, "lease %llx expired or revoked", (unsigned long long)lost.id),
-        call_lost(&lost, 1);
+        call_lost(ls, &lost, 1);
 }
 
 static void ka_end(coord__stream_t *s, int status, void *arg) {
@@ -249,10 +291,12 @@ static void tick(coord_t *c, void *arg) {
     ls->stream = coord__stream_open(c, coord__endpoint_current(c), "/etcdserverpb.Lease/LeaseKeepAlive",
                                     &etcdserverpb__lease_keep_alive_response__descriptor, 0, &ka_ops, ls);
   send_due_locked(ls, now);
+  if (nlost)
+    calling_publish_locked(ls, lost, nlost);
   pthread_mutex_unlock(&ls->mu);
   if (nlost) {
     coord__err(COORD_ELOST, "lease not renewed before its TTL ran out");
-    call_lost(lost, nlost);
+    call_lost(ls, lost, nlost);
   }
   free(lost);
   coord__after(c, TICK_MS, tick, ls);
@@ -302,7 +346,7 @@ int coord__lease_keepalive_until(coord_t *c, int64_t id, int64_t expires, coord_
 int coord_lease_keepalive_stop(coord_t *c, int64_t id) {
   if (!c || id <= 0)
     return coord__err(COORD_EINVAL, "coord_lease_keepalive_stop: bad argument");
-  unkeep(c, id);
+  unkeep(c, id, 1);
   return 0;
 }
 

@@ -186,8 +186,9 @@ struct coord_lock_s {
   struct coord_lock_pool *pool;
   coord_lock_t *prev, *next;
   char *name;
-  char *prefix; /* "/locks/<name>/" */
-  char *key;    /* prefix + lease hex; NULL until a lease is assigned */
+  char *prefix;            /* "/locks/<name>/" */
+  char *key;               /* prefix + lease hex; NULL until a lease is assigned */
+  struct spent_key *spent; /* keys h->key replaced, kept until lock_free */
   lease_class_t *cls;
   int64_t lease;   /* 0 until assigned */
   int lease_owned; /* the handle owns h->lease (not yet handed back) */
@@ -297,9 +298,39 @@ static void list_remove(struct coord_lock_pool *pool, coord_lock_t *h) {
   h->prev = h->next = NULL;
 }
 
+/* coord_lock_key hands h->key out without a copy, and a retry with a fresh
+ * lease replaces it on the event thread; a key a caller may still be
+ * reading is therefore kept here until the handle is freed. */
+struct spent_key {
+  struct spent_key *next;
+  char *key;
+};
+
+/* Under mu: gives h the key for lease id (h->key NULL and -1 if out of
+ * memory).  The key replaced is kept, or leaked if even that fails, never
+ * freed under a reader. */
+static int key_assign(coord_lock_t *h, int64_t id) {
+  if (h->key != NULL) {
+    struct spent_key *sk = malloc(sizeof *sk);
+    if (sk != NULL) {
+      sk->key = h->key;
+      sk->next = h->spent;
+      h->spent = sk;
+    }
+  }
+  h->key = coord__sprintf("%s%" PRIx64, h->prefix, (uint64_t)id);
+  return h->key != NULL ? 0 : -1;
+}
+
 static void lock_free(coord_lock_t *h) {
   assert(h->nw == NULL);
   assert(h->ops == 0 && h->calling == 0);
+  while (h->spent != NULL) {
+    struct spent_key *sk = h->spent;
+    h->spent = sk->next;
+    free(sk->key);
+    free(sk);
+  }
   free(h->pred_key);
   free(h->name);
   free(h->prefix);
@@ -405,7 +436,7 @@ static void pool_revoke_done(coord_t *c, int status, ProtobufCMessage *resp, voi
 
 /* Under mu: stop keeping id alive and revoke it (deletes any key on it). */
 static void pool_revoke(struct coord_lock_pool *pool, int64_t id) {
-  coord_lease_keepalive_stop(pool->c, id);
+  coord__lease_keepalive_forget(pool->c, id); /* stop would wait for pool_lease_lost, which takes mu */
   Etcdserverpb__LeaseRevokeRequest req = ETCDSERVERPB__LEASE_REVOKE_REQUEST__INIT;
   req.id = id;
   pool->ops++;
@@ -930,9 +961,7 @@ static void start_lease(coord_lock_t *h, post_t *p) {
   if (id != 0) {
     h->lease = id;
     h->lease_owned = 1;
-    free(h->key);
-    h->key = coord__sprintf("%s%" PRIx64, h->prefix, (uint64_t)id);
-    if (h->key == NULL) {
+    if (key_assign(h, id) < 0) {
       fail(h, coord__err(COORD_ENOMEM, "lock %s: out of memory", h->name), p);
       return;
     }
@@ -984,9 +1013,7 @@ static void grant_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg
     h->lease = id;
     h->lease_owned = 1;
     h->lease_dead = 0;
-    free(h->key);
-    h->key = coord__sprintf("%s%" PRIx64, h->prefix, (uint64_t)id);
-    if (h->key == NULL)
+    if (key_assign(h, id) < 0)
       fail(h, coord__err(COORD_ENOMEM, "lock %s: out of memory", h->name), &p);
     else if (h->cancel)
       fail(h, h->cancel_status, &p);
@@ -1782,8 +1809,14 @@ void coord__locks_close(coord_t *c) {
   while (nws != NULL) {
     name_watch_t *nw = nws;
     nws = nw->next;
-    if (nw->w != NULL)
-      coord__watch_remove(nw->w);
+    /* taken under the mutex: a failing nw_cb removes its own watcher once
+     * it has set nw->w to NULL, and a watcher must be removed once */
+    pthread_mutex_lock(&pool->mu);
+    coord__watcher_t *w = nw->w;
+    nw->w = NULL;
+    pthread_mutex_unlock(&pool->mu);
+    if (w != NULL)
+      coord__watch_remove(w);
     nw_free(nw);
   }
 

@@ -13,8 +13,9 @@
  *     thread uses); only that thread plucks it, for its own call's tag, so
  *     it never meets the event thread's queue.
  *   - c->mu guards: cur (endpoint in use), token, the timer list, the
- *     in-flight call list, slots, the closing/stopping flags and
- *     `connected`.  It is a leaf lock: nothing else is taken while it is
+ *     in-flight call list and each listed call's grpc_call pointer (set and
+ *     cleared by the attempt's thread, cancelled by coord_close), slots,
+ *     the closing/stopping flags and `connected`.  It is a leaf lock: nothing else is taken while it is
  *     held, and no callback is called under it.
  *   - Configuration fields are written once in coord_new and read-only after.
  *
@@ -596,9 +597,14 @@ static void unary_finish(unary_t *u, int status, ProtobufCMessage *resp) {
 }
 
 static void attempt_reset(unary_t *u) {
-  if (u->call)
-    grpc_call_unref(u->call);
+  /* u->call is taken off under c->mu: stop_event_thread cancels the calls
+   * it finds on c->calls, and must never meet one being unreffed. */
+  pthread_mutex_lock(&u->c->mu);
+  grpc_call *call = u->call;
   u->call = NULL;
+  pthread_mutex_unlock(&u->c->mu);
+  if (call)
+    grpc_call_unref(call);
   for (size_t i = 0; i < u->nmd; i++) {
     grpc_slice_unref(u->md[i].key);
     grpc_slice_unref(u->md[i].value);
@@ -753,9 +759,12 @@ static int attempt_start(coord_t *c, unary_t *u) {
       dl = now + slice;
   }
   grpc_slice method = grpc_slice_from_static_string(u->m->path);
-  u->call = grpc_channel_create_call(c->ch[u->ep], NULL, GRPC_PROPAGATE_DEFAULTS, u->cq, method, NULL,
-                                     abs_deadline(dl), NULL);
+  grpc_call *call = grpc_channel_create_call(c->ch[u->ep], NULL, GRPC_PROPAGATE_DEFAULTS, u->cq, method, NULL,
+                                             abs_deadline(dl), NULL);
   grpc_slice_unref(method);
+  pthread_mutex_lock(&c->mu); /* published for stop_event_thread's cancel */
+  u->call = call;
+  pthread_mutex_unlock(&c->mu);
   u->nmd = coord__call_metadata(c, u->md, 0);
   u->send = grpc_raw_byte_buffer_create(&u->payload, 1);
   grpc_metadata_array_init(&u->md_init);

@@ -8,6 +8,8 @@
  *                       range options, too-large value
  *   core_kv lease       keepalive past 3x TTL; prints the lease id, then
  *                       closes the client (revoking it)
+ *   core_kv lost-stop   a lost callback still running when the lease is
+ *                       stopped (then revoked): the stop waits for it
  *   core_kv invalid     invalid arguments give COORD_EINVAL
  *   core_kv connect T   coord_new with dial timeout T ms; prints the code
  *   core_kv writer N P  puts P/0..P/N-1 and prints each acknowledged key
@@ -20,6 +22,7 @@
  */
 #include <coord.h>
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -197,6 +200,65 @@ static void lease(int ttl_s) {
   printf("closed %llx\n", (unsigned long long)id);
 }
 
+typedef struct lost_probe {
+  pthread_mutex_t mu;
+  int started, finished;
+} lost_probe_t;
+
+/* A lost callback that takes half a second, as one that cleans up might. */
+static void slow_lost(int64_t id, void *arg) {
+  lost_probe_t *p = arg;
+  (void)id;
+  pthread_mutex_lock(&p->mu);
+  p->started = 1;
+  pthread_mutex_unlock(&p->mu);
+  usleep(500 * 1000);
+  pthread_mutex_lock(&p->mu);
+  p->finished = 1;
+  pthread_mutex_unlock(&p->mu);
+}
+
+/* Keeps a lease alive with slow_lost, revokes it from a second client so
+ * that the next renewal answer reports it gone, and once slow_lost has
+ * started calls stop (how = 0) or revoke (how = 1) on the first.  When that
+ * returns, slow_lost must be over: the caller frees its argument next. */
+static void lost_then_stop(coord_t *c, coord_t *other, int how) {
+  lost_probe_t *p = calloc(1, sizeof *p);
+  CHECK(p != NULL, "calloc");
+  pthread_mutex_init(&p->mu, NULL);
+  int64_t id = 0;
+  CHECK(coord_lease_grant(c, 2000, &id) == 0, "grant");
+  CHECK(coord_lease_keepalive(c, id, slow_lost, p) == 0, "keepalive");
+  CHECK(coord_lease_revoke(other, id) == 0, "revoke from the other client");
+  int started = 0;
+  for (int i = 0; i < 1000 && !started; i++) {
+    usleep(10 * 1000);
+    pthread_mutex_lock(&p->mu);
+    started = p->started;
+    pthread_mutex_unlock(&p->mu);
+  }
+  CHECK(started, "lost callback not called within 10 s");
+  int rc = how == 0 ? coord_lease_keepalive_stop(c, id) : coord_lease_revoke(c, id);
+  CHECK(rc == 0 || rc == COORD_ENOTFOUND, "%s: %s", how ? "revoke" : "stop", coord_strerror(rc));
+  pthread_mutex_lock(&p->mu);
+  int finished = p->finished;
+  pthread_mutex_unlock(&p->mu);
+  CHECK(finished, "%s returned while the lost callback was still running",
+        how ? "coord_lease_revoke" : "coord_lease_keepalive_stop");
+  pthread_mutex_destroy(&p->mu);
+  free(p);
+}
+
+static void lost_stop(void) {
+  coord_t *c = client(), *other = client();
+  lost_then_stop(c, other, 0);
+  printf("ok stop waits for the lost callback\n");
+  lost_then_stop(c, other, 1);
+  printf("ok revoke waits for the lost callback\n");
+  coord_close(other);
+  coord_close(c);
+}
+
 static void invalid(void) {
   coord_t *c = NULL;
   coord_config_t cfg = coord_default_config();
@@ -326,6 +388,8 @@ int main(int argc, char **argv) {
     basic();
   else if (!strcmp(argv[1], "lease"))
     lease(argc > 2 ? atoi(argv[2]) : 2);
+  else if (!strcmp(argv[1], "lost-stop"))
+    lost_stop();
   else if (!strcmp(argv[1], "invalid"))
     invalid();
   else if (!strcmp(argv[1], "connect"))
