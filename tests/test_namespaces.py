@@ -75,6 +75,18 @@ class Ns:
         if fork:  # unshare --fork: the namespace's init is unshare's child
             self.inner = wait_for(lambda: (children(self.proc.pid) or [None])[0], 10,
                                   what="unshare's child")
+        # Without --fork, unshare calls unshare(2) after it has started: until
+        # then its /proc entry shows this test's own namespace, and an nsenter
+        # into it would mount on the host (CI once lost the node's shared
+        # volume that way: the bind mount went to the host namespace).
+        own = os.readlink("/proc/self/ns/mnt")
+        wait_for(lambda: self._mnt_ns() not in (None, own), 10, what="a mount namespace of its own")
+
+    def _mnt_ns(self):
+        try:
+            return os.readlink("/proc/%d/ns/mnt" % self.inner)
+        except OSError:
+            return None
 
     def enter(self, *cmd, timeout=30, check=True, mount=True, pid=True):
         argv = ["nsenter", "-t", str(self.inner)] + (["-m"] if mount else []) + (["-p"] if pid else []) + \
@@ -181,7 +193,6 @@ def test_sidecar_shares_the_mount_by_propagation_and_bind(etcd, tmp_path):
     # the "node": a private mount namespace in which the volume is shared
     node = Ns(["unshare", "--mount", "--propagation", "private", "sleep", "600"], str(tmp_path / "node.log"),
               fork=False)
-    wait_for(lambda: node.mounts(), 5, what="node namespace")
     app = side = late_ns = None
     try:
         node.enter("sh", "-c", "mount --bind %s %s && mount --make-shared %s" % (vol, vol, vol), pid=False)
