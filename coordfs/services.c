@@ -274,7 +274,7 @@ static void reregister_attempts(uint64_t id) {
     if (!key || !value) {
       free(key);
       free(value);
-      return; /* released meanwhile */
+      return; /* released meanwhile, or shutting down */
     }
     int64_t lease = 0;
     int rc = grant(id, &lease);
@@ -315,15 +315,18 @@ static void on_lease_lost(int64_t lease, void *arg) {
   pthread_mutex_lock(&reg_lock);
   struct reg *r = reg_find(id);
   int again = r && r->lease == lease && !rereg_stop;
-  if (again)
-    cfs_log(LOG_WARNING, "lease %llx of /services/%s lost: registering it again", (unsigned long long)lease,
-            r->key);
+  char *key = again ? strdup(r->key) : NULL;
   pthread_t t;
-  if (again && !pthread_create(&t, NULL, reregister, arg)) {
+  int started = again && !pthread_create(&t, NULL, reregister, arg);
+  if (started) {
     pthread_detach(t);
     rereg_threads++; /* under reg_lock before the thread can end */
   }
   pthread_mutex_unlock(&reg_lock);
+  if (again)
+    cfs_log(started ? LOG_WARNING : LOG_ERR, "lease %llx of /services/%s lost: %s", (unsigned long long)lease,
+            key ? key : "?", started ? "registering it again" : "cannot start a thread to register it again");
+  free(key);
 }
 
 void services_shutdown(void) {

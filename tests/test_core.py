@@ -87,8 +87,8 @@ def test_watch_1000_puts_in_order(etcd):
 
 def test_watch_closed_while_events_arrive(etcd):
     """Two threads open a watch, take its first event and close it, again and
-    again, while a third puts the key without pause: each close races the
-    event thread delivering the next event.  CI's sanitized run once caught a
+    again, while three others put the key without pause: each close races
+    the event thread delivering the next event.  CI's sanitized run once caught a
     watcher freed by the close and then read by the delivery."""
     out = run_prog("tests/core_watch", "churn", "churn/k", "5", endpoints=etcd, timeout=90)
     line = [l for l in out.splitlines() if l.startswith("churn ")][-1]

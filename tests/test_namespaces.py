@@ -75,16 +75,21 @@ class Ns:
         if fork:  # unshare --fork: the namespace's init is unshare's child
             self.inner = wait_for(lambda: (children(self.proc.pid) or [None])[0], 10,
                                   what="unshare's child")
-        # Without --fork, unshare calls unshare(2) after it has started: until
-        # then its /proc entry shows this test's own namespace, and an nsenter
-        # into it would mount on the host (CI once lost the node's shared
-        # volume that way: the bind mount went to the host namespace).
+        # unshare makes the namespace and sets its propagation after it has
+        # started, and only then execs the command: an nsenter before that
+        # would mount in this test's own namespace, or have its shared mount
+        # made private again (CI once lost the node's shared volume so: the
+        # bind mount went to the host namespace).  Wait for the exec.
         own = os.readlink("/proc/self/ns/mnt")
-        wait_for(lambda: self._mnt_ns() not in (None, own), 10, what="a mount namespace of its own")
+        wait_for(lambda: self._proc("comm") not in (None, "unshare\n", "nsenter\n") and
+                 self._proc("ns/mnt") not in (None, own), 10, what="the namespace's command started")
 
-    def _mnt_ns(self):
+    def _proc(self, what):
         try:
-            return os.readlink("/proc/%d/ns/mnt" % self.inner)
+            if what.startswith("ns/"):
+                return os.readlink("/proc/%d/%s" % (self.inner, what))
+            with open("/proc/%d/%s" % (self.inner, what)) as f:
+                return f.read()
         except OSError:
             return None
 

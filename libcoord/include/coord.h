@@ -240,7 +240,9 @@ int coord_lease_ttl(coord_t *c, int64_t id, int64_t *remaining_ms, int64_t *gran
  * lost (may be NULL) is called once on the event thread if etcd reports the
  * lease gone.  Once coord_lease_keepalive_stop or coord_lease_revoke of the
  * lease has returned, lost is not running and will not be called, so arg
- * may be freed (from inside a callback, lost may be the one running). */
+ * may be freed (from inside a callback, lost may be the one running).  They
+ * wait for a lost callback in progress: do not call them holding a lock
+ * that lost takes. */
 typedef void (*coord_lease_lost_cb)(int64_t id, void *arg);
 int coord_lease_keepalive(coord_t *c, int64_t id, coord_lease_lost_cb lost, void *arg);
 int coord_lease_keepalive_stop(coord_t *c, int64_t id);

@@ -15,8 +15,9 @@
  *   - c->mu guards: cur (endpoint in use), token, the timer list, the
  *     in-flight call list and each listed call's grpc_call pointer (set and
  *     cleared by the attempt's thread, cancelled by coord_close), slots,
- *     the closing/stopping flags and `connected`.  It is a leaf lock: nothing else is taken while it is
- *     held, and no callback is called under it.
+ *     the closing/stopping flags and `connected`.  It is a leaf lock:
+ *     nothing else is taken while it is held, and no callback is called
+ *     under it.
  *   - Configuration fields are written once in coord_new and read-only after.
  *
  * Unary call life cycle (unary_t): created by coord__unary_async with the

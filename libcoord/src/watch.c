@@ -25,8 +25,10 @@
  * callback is running so that coord__watch_remove from another thread waits
  * for it (ws->cv).  Rule: in_cb is raised while ws->mu is still held from
  * the look-up that found the watcher (deliver_locked); a watcher looked at
- * under one hold of ws->mu and used after another may already be freed.  A tick timer reopens the stream
- * after a failure (next endpoint, back-off) and sends pending creates.
+ * under one hold of ws->mu and used after another may already be freed.
+ *
+ * A tick timer reopens the stream after a failure (next endpoint,
+ * back-off) and sends pending creates.
  */
 #include "internal.h"
 #include "stream.h"
