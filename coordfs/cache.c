@@ -191,6 +191,7 @@ int cache_apply(struct cfs_cache *c, const char *key, size_t key_len, int is_put
     c->nbad--;
   n->rev = rev;
   clock_gettime(CLOCK_REALTIME, &n->mtime);
+  n->atime = n->mtime;
   free(n->val);
   n->val = NULL;
   n->len = 0;

@@ -29,6 +29,7 @@
 #include "coordfs.h"
 #include "log.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -114,6 +115,8 @@ static int stat_locked(const char *rel, struct stat *st) {
     free(k);
     if (n && cache_is_dir(n) && cache_is_file(n)) {
       cfs_fill_stat(st, fmode, (off_t)n->len, &n->mtime);
+      if (n->atime.tv_sec)
+        st->st_atim = n->atime;
       return 0;
     }
     return -ENOENT;
@@ -125,6 +128,8 @@ static int stat_locked(const char *rel, struct stat *st) {
     cfs_fill_stat(st, fmode, (off_t)n->len, &n->mtime);
   else
     return -ENOENT;
+  if (n->atime.tv_sec)
+    st->st_atim = n->atime;
   return 0;
 }
 
@@ -257,55 +262,236 @@ int config_freshen_name(const char *rel) {
   return 1;
 }
 
+/* ---------------------------------------------------------------- writable handles */
+
+/* Every writable /config handle of this mount, so that getattr and setattr
+ * without a handle (fstat, fchmod, futimens: cp -p, tar x) report the size
+ * being written rather than the committed one; the kernel would otherwise
+ * cut the new value to the old length in its page cache.  wr_lock guards
+ * the list, shown_len and wseq; it is a leaf (taken after file->lock, never
+ * with g.lock). */
+static pthread_mutex_t wr_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct cfs_file *writers;
+static uint64_t wr_seq;
+
+static void track(struct cfs_file *f) {
+  pthread_mutex_lock(&wr_lock);
+  f->shown_len = f->len;
+  f->wseq = ++wr_seq;
+  f->wprev = NULL;
+  f->wnext = writers;
+  if (writers)
+    writers->wprev = f;
+  writers = f;
+  pthread_mutex_unlock(&wr_lock);
+}
+
+void config_untrack(struct cfs_file *f) {
+  pthread_mutex_lock(&wr_lock);
+  if (f->wprev)
+    f->wprev->wnext = f->wnext;
+  else if (writers == f)
+    writers = f->wnext;
+  if (f->wnext)
+    f->wnext->wprev = f->wprev;
+  f->wprev = f->wnext = NULL;
+  pthread_mutex_unlock(&wr_lock);
+}
+
+/* f->len changed (file->lock held). */
+static void set_len(struct cfs_file *f, size_t len) {
+  f->len = len;
+  pthread_mutex_lock(&wr_lock);
+  f->shown_len = len;
+  f->wseq = ++wr_seq;
+  pthread_mutex_unlock(&wr_lock);
+}
+
+int config_open_size(const char *path, off_t *size) {
+  struct cfs_file *best = NULL;
+  pthread_mutex_lock(&wr_lock);
+  for (struct cfs_file *f = writers; f; f = f->wnext)
+    if (!strcmp(f->path, path) && (!best || f->wseq > best->wseq))
+      best = f;
+  if (best)
+    *size = (off_t)best->shown_len;
+  pthread_mutex_unlock(&wr_lock);
+  return best != NULL;
+}
+
+/* Applies times to the node of key (g.lock not held). */
+static int node_times(const char *key, const struct timespec *atime, const struct timespec *mtime) {
+  pthread_mutex_lock(&g.lock);
+  struct cfs_node *n = *key ? cache_find(&g.config, key) : NULL;
+  int rc = n && (cache_is_file(n) || cache_is_dir(n) || n->creating) ? 0 : -ENOENT;
+  if (!rc) {
+    n->atime = *atime;
+    n->mtime = *mtime;
+  }
+  pthread_mutex_unlock(&g.lock);
+  return rc;
+}
+
+/* utimens: the times are kept as the file's on this mount until its key
+ * changes, the way a key's mtime is already this mount's own (when it saw
+ * the revision).  A writable handle open on the path (f, or the newest
+ * one: cp -p and tar set times with futimens, which sends no handle,
+ * before they close) keeps them for its commit, which would otherwise
+ * stamp its own time over them.  0 or -errno. */
+int config_set_times(const char *path, const char *rel, struct cfs_file *f, const struct timespec *atime,
+                     const struct timespec *mtime) {
+  pthread_mutex_lock(&wr_lock);
+  struct cfs_file *w = f && f->kind == FK_CONFIG && f->writable ? f : NULL;
+  for (struct cfs_file *x = writers; x && !w; x = x->wnext)
+    if (!strcmp(x->path, path))
+      w = x;
+  if (w) {
+    w->times_set = 1;
+    w->atime = *atime;
+    w->mtime = *mtime;
+  }
+  pthread_mutex_unlock(&wr_lock);
+  char *key = config_key_of(rel);
+  int rc = key ? node_times(key, atime, mtime) : -ENOENT;
+  free(key);
+  return w ? 0 : rc;
+}
+
+/* After a commit: the times set while the handle was open (file->lock). */
+static void keep_times(struct cfs_file *f) {
+  pthread_mutex_lock(&wr_lock);
+  int set = f->times_set;
+  struct timespec a = f->atime, m = f->mtime;
+  f->times_set = 0;
+  pthread_mutex_unlock(&wr_lock);
+  if (set)
+    node_times(f->key, &a, &m);
+}
+
+/* ---------------------------------------------------------------- opening */
+
+/* The key as etcd holds it (a copy), as read by a probe or a failed compare. */
+struct current {
+  int exists;
+  char *val;
+  size_t len;
+  int64_t mod_rev;
+};
+
+/* Copies the first kv of a Txn's single Range response into cur. */
+static int take_current(const coord_txn_result_t *r, struct current *cur) {
+  memset(cur, 0, sizeof(*cur));
+  const coord_kv_result_t *rr = r->n > 0 ? r->responses[0] : NULL;
+  if (!rr || rr->n == 0)
+    return 0;
+  cur->val = malloc(rr->kvs[0].value_len + 1);
+  if (!cur->val)
+    return -ENOMEM;
+  memcpy(cur->val, rr->kvs[0].value, rr->kvs[0].value_len);
+  cur->len = rr->kvs[0].value_len;
+  cur->mod_rev = rr->kvs[0].mod_revision;
+  cur->exists = 1;
+  return 0;
+}
+
+/* What the close will find, asked at open (bash ignores close() errors, so
+ * they must come here): one Txn whose compare can never hold (no mod
+ * revision is below 0).  Its success branch holds a Put of the key, so
+ * etcd checks write permission and passes it through raft (a quorum must
+ * answer) without ever running it; its failure branch reads the key.
+ * Nothing is written whatever happens, so a timeout here is a plain EIO.
+ * Fills cur with etcd's current value.  0 or -errno. */
+static int probe(const char *key, struct current *cur) {
+  char *k = etcd_key(key);
+  if (!k)
+    return -ENOMEM;
+  coord_cmp_t cmp = {.key = k, .target = COORD_CMP_MOD, .result = COORD_CMP_LESS, .number = 0};
+  coord_op_t put = {.type = COORD_OP_PUT, .key = k, .value = "", .value_len = 0};
+  coord_op_t get = {.type = COORD_OP_RANGE, .key = k};
+  coord_txn_t txn = {.cmp = &cmp,
+                     .ncmp = 1,
+                     .success = &put,
+                     .nsuccess = 1,
+                     .failure = &get,
+                     .nfailure = 1,
+                     .timeout_ms = g.o.timeout_ms};
+  coord_txn_result_t *r = NULL;
+  int rc = coord_kv_txn(g.c, &txn, &r);
+  assert(rc || !r->succeeded); /* mod_revision < 0 never holds */
+  int err = rc ? -cfs_errno(rc) : take_current(r, cur);
+  if (rc) {
+    CFS_COUNT(errors);
+    cfs_log(LOG_INFO, "open /config/%s for writing: %s%s%s", key, coord_strerror(rc),
+            *coord_last_error() ? ": " : "", coord_last_error());
+  }
+  coord_txn_result_free(r);
+  free(k);
+  return err;
+}
+
+/* Sets up a writable handle from etcd's current value (g.lock held).
+ * Opened with O_TRUNC, or creating a key etcd does not have: the new
+ * content does not depend on the old (plain Put).  O_APPEND: the bytes
+ * written are appended to whatever the key holds at commit.  Otherwise
+ * the commit compares the revision read here. */
+static int open_writable(struct cfs_file *f, struct cfs_node *n, int flags, int create, struct current *cur) {
+  f->base_rev = cur->exists ? cur->mod_rev : 0;
+  f->append = (flags & O_APPEND) && !(flags & O_TRUNC);
+  int trunc = (flags & O_TRUNC) || (create && !cur->exists);
+  f->len = 0;
+  if (trunc && !f->append) {
+    f->truncating = 1;
+    f->dirty = 1;
+  } else if (cur->exists) {
+    f->buf = cur->val; /* the handle takes it */
+    f->cap = cur->len + 1;
+    f->len = cur->len;
+    cur->val = NULL;
+  }
+  f->base_len = f->len;
+  if (f->append && create)
+    f->dirty = 1; /* `>> new` makes the file even if nothing is written */
+  if (create && !n->present) {
+    n->creating++;
+    f->creating = 1;
+  }
+  return 0;
+}
+
 int config_open(const char *rel, struct cfs_file *f, int flags, int create) {
   char *key = config_key_of(rel);
   if (!key || !*key) {
     free(key);
     return -EINVAL;
   }
-  if (!create && !(flags & O_TRUNC))
-    freshen(key);
   f->key = key;
   f->writable = (flags & O_ACCMODE) != O_RDONLY;
+  struct current cur = {0};
+  if (f->writable) {
+    int rc = probe(key, &cur);
+    if (rc)
+      return rc;
+  } else if (!create && !(flags & O_TRUNC)) {
+    freshen(key);
+  }
   pthread_mutex_lock(&g.lock);
   struct cfs_node *n = cache_node(&g.config, key);
-  if (!n) {
-    pthread_mutex_unlock(&g.lock);
-    return -ENOMEM;
-  }
-  if (!create && !cache_is_file(n)) {
-    /* The kernel still shows the name (its entry is cached for a moment
-     * after the key went away, e.g. a create whose commit failed).  Opened
-     * for writing, the file is made again, as O_CREAT would have. */
-    if (cache_is_dir(n) || !f->writable) {
-      pthread_mutex_unlock(&g.lock);
-      return cache_is_dir(n) ? -EISDIR : -ENOENT;
-    }
+  int rc = n ? 0 : -ENOMEM;
+  if (!rc && !create && !(f->writable ? cur.exists : cache_is_file(n))) {
+    /* Not a key (any more).  The kernel may still show the name (its
+     * entry is cached for a moment after the key went away, e.g. a create
+     * whose commit failed).  Opened for writing, the file is made again,
+     * as O_CREAT would have. */
+    if (cache_is_dir(n) || !f->writable)
+      rc = cache_is_dir(n) ? -EISDIR : -ENOENT;
     create = 1;
   }
-  int rc = 0;
-  if (f->writable) {
-    if (create || (flags & O_TRUNC)) {
-      f->truncating = 1;
-      f->dirty = 1;
-      f->len = 0;
-    } else {
-      f->base_rev = n->present ? n->mod_rev : 0;
-      f->len = 0;
-      if (n->present && n->len) {
-        rc = buf_reserve(f, n->len);
-        if (!rc) {
-          memcpy(f->buf, n->val, n->len);
-          f->len = n->len;
-        }
-      }
-    }
-    if (create && !n->present) {
-      n->creating++;
-      f->creating = 1;
-    }
-  }
+  if (!rc && f->writable)
+    rc = open_writable(f, n, flags, create, &cur);
   pthread_mutex_unlock(&g.lock);
+  free(cur.val);
+  if (!rc && f->writable)
+    track(f);
   return rc;
 }
 
@@ -339,6 +525,9 @@ int config_read(struct cfs_file *f, size_t size, off_t off, char **out, size_t *
 int config_write(struct cfs_file *f, const char *buf, size_t size, off_t off) {
   if (f->failed)
     return -EIO;
+  if (f->append) /* at the end of what this handle holds, whatever the
+                    kernel's idea of the size */
+    off = (off_t)f->len;
   size_t end = (size_t)off + size;
   if (end > max_value(f->key)) {
     f->failed = 1;
@@ -351,7 +540,7 @@ int config_write(struct cfs_file *f, const char *buf, size_t size, off_t off) {
     memset(f->buf + f->len, 0, (size_t)off - f->len);
   memcpy(f->buf + off, buf, size);
   if (end > f->len)
-    f->len = end;
+    set_len(f, end);
   f->dirty = 1;
   f->wrote = 1;
   return (int)size;
@@ -433,17 +622,12 @@ static void drop_creating(struct cfs_file *f) {
     notifier_queue(J_FORGET, f->path, 0);
 }
 
-/* Puts value at key, with a compare on the mod revision unless plain.
- * The write is marked in flight for its whole round trip: its watch event
- * may reach the watch thread before the answer does, and must then be
- * taken for the echo it is (the kernel already saw this operation). */
-static int put_value(const char *key, const char *val, size_t len, int plain, int64_t base_rev,
-                     int64_t *rev) {
-  char *k = etcd_key(key);
-  if (!k)
-    return -ENOMEM;
+/* One request: a plain Put of val at etcd key k, or a Txn that puts only
+ * if the key's mod revision is still base_rev (0: the key must not exist)
+ * and otherwise reads the key into *cur.  COORD_* code; *rev on success. */
+static int send_put(const char *k, const char *val, size_t len, int plain, int64_t base_rev, int64_t *rev,
+                    struct current *cur) {
   int rc;
-  pending(key, 1);
   if (plain) {
     coord_put_opts_t po = {.timeout_ms = g.o.timeout_ms};
     coord_kv_result_t *r = NULL;
@@ -451,56 +635,165 @@ static int put_value(const char *key, const char *val, size_t len, int plain, in
     if (!rc)
       *rev = r->revision;
     coord_kv_result_free(r);
-  } else {
-    coord_cmp_t cmp = {.key = k, .target = COORD_CMP_MOD, .result = COORD_CMP_EQUAL, .number = base_rev};
-    coord_op_t op = {.type = COORD_OP_PUT, .key = k, .value = val, .value_len = len};
-    coord_txn_t txn = {.cmp = &cmp, .ncmp = 1, .success = &op, .nsuccess = 1, .timeout_ms = g.o.timeout_ms};
-    coord_txn_result_t *r = NULL;
-    rc = coord_kv_txn(g.c, &txn, &r);
-    if (!rc && !r->succeeded)
-      rc = COORD_ECONFLICT;
-    if (!rc)
-      *rev = r->revision;
-    coord_txn_result_free(r);
+    return rc;
   }
+  coord_cmp_t cmp = {.key = k, .target = COORD_CMP_MOD, .result = COORD_CMP_EQUAL, .number = base_rev};
+  coord_op_t op = {.type = COORD_OP_PUT, .key = k, .value = val, .value_len = len};
+  coord_op_t get = {.type = COORD_OP_RANGE, .key = k};
+  coord_txn_t txn = {.cmp = &cmp,
+                     .ncmp = 1,
+                     .success = &op,
+                     .nsuccess = 1,
+                     .failure = &get,
+                     .nfailure = 1,
+                     .timeout_ms = g.o.timeout_ms};
+  coord_txn_result_t *r = NULL;
+  rc = coord_kv_txn(g.c, &txn, &r);
+  if (!rc && !r->succeeded) {
+    rc = COORD_ECONFLICT;
+    if (take_current(r, cur))
+      rc = COORD_ENOMEM;
+  }
+  if (!rc)
+    *rev = r->revision;
+  coord_txn_result_free(r);
+  return rc;
+}
+
+/* A write whose answer did not come in time may have been applied anyway
+ * (etcd may have committed it before the deadline, or a frozen member may
+ * still propose it when it resumes).  One read settles it when it can: the
+ * key holds this value at a revision after seen_rev, so the write took
+ * effect.  Otherwise the outcome is unknown and the caller reports
+ * ETIMEDOUT, never EIO, which means "not written" (coordfs(8), ERRORS). */
+#define SETTLE_MS 1000
+static int settle(const char *k, const char *val, size_t len, int64_t seen_rev, int64_t *rev) {
+  coord_range_opts_t ro = {.timeout_ms = SETTLE_MS};
+  coord_kv_result_t *r = NULL;
+  int applied = !coord_kv_get(g.c, k, &ro, &r) && r->n == 1 && r->kvs[0].mod_revision > seen_rev &&
+                r->kvs[0].value_len == len && !memcmp(r->kvs[0].value, val, len);
+  if (applied)
+    *rev = r->kvs[0].mod_revision;
+  coord_kv_result_free(r);
+  return applied;
+}
+
+/* Writes value at key (send_put) and keeps this mount's cache right.  The
+ * write is marked in flight for its whole round trip: its watch event may
+ * reach the watch thread before the answer does, and must then be taken
+ * for the echo it is (the kernel already saw this operation).  seen_rev is
+ * the key's mod revision when the writer last read it (for settle).
+ * Returns 0, or -errno: EBUSY when the compare failed (*cur then holds the
+ * key as etcd has it; counted by the caller), ETIMEDOUT when the outcome
+ * is unknown. */
+static int put_value(const char *key, const char *val, size_t len, int plain, int64_t base_rev,
+                     int64_t seen_rev, int64_t *rev, struct current *cur) {
+  char *k = etcd_key(key);
+  if (!k)
+    return -ENOMEM;
+  struct current ignored = {0};
+  pending(key, 1);
+  int rc = send_put(k, val, len, plain, base_rev, rev, cur ? cur : &ignored);
+  free(ignored.val);
+  if (rc == COORD_ETIMEDOUT && settle(k, val, len, seen_rev, rev))
+    rc = 0;
   free(k);
   finish_put(key, val, len, rc, rc ? 0 : *rev);
+  if (rc == COORD_ECONFLICT)
+    return -EBUSY;
   if (rc) {
     CFS_COUNT(errors);
-    if (rc == COORD_ECONFLICT)
-      CFS_COUNT(conflicts);
-    return -cfs_errno(rc);
+    cfs_log(LOG_WARNING, "write of /config/%s %s: %s%s%s", key,
+            rc == COORD_ETIMEDOUT ? "timed out, outcome unknown" : "failed", coord_strerror(rc),
+            *coord_last_error() ? ": " : "", coord_last_error());
+    return rc == COORD_ETIMEDOUT ? -ETIMEDOUT : -cfs_errno(rc);
   }
   CFS_COUNT(commits);
   return 0;
 }
 
+/* Appends lose nothing between writers (two shells' `>>`): the bytes this
+ * handle appended (after base_len) are put after the value the handle
+ * started from, with a compare on its revision; when another writer got
+ * there first, the failed compare brings etcd's value, the appended bytes
+ * are placed after it and the Txn is tried again. */
+#define APPEND_TRIES 64
+static int commit_append(struct cfs_file *f, int64_t *rev) {
+  for (int attempt = 1;; attempt++) {
+    struct current cur = {0};
+    int rc = put_value(f->key, f->buf ? f->buf : "", f->len, 0, f->base_rev, f->base_rev, rev, &cur);
+    if (rc != -EBUSY || attempt == APPEND_TRIES) {
+      free(cur.val);
+      if (rc == -EBUSY)
+        CFS_COUNT(conflicts);
+      return rc;
+    }
+    size_t add = f->len - f->base_len;
+    if (!add && cur.exists) { /* `>> f` with nothing written: the key exists now */
+      free(f->buf);
+      f->buf = cur.val;
+      f->cap = cur.len + 1;
+      set_len(f, cur.len);
+      f->base_len = cur.len;
+      f->base_rev = *rev = cur.mod_rev;
+      return 0;
+    }
+    if (cur.len + add > max_value(f->key)) {
+      free(cur.val);
+      return -EFBIG;
+    }
+    char *nb = malloc(cur.len + add + 1);
+    if (!nb) {
+      free(cur.val);
+      return -ENOMEM;
+    }
+    memcpy(nb, cur.val, cur.len);
+    memcpy(nb + cur.len, f->buf + f->base_len, add);
+    free(cur.val);
+    free(f->buf);
+    f->buf = nb;
+    f->cap = cur.len + add + 1;
+    f->base_len = cur.len;
+    f->base_rev = cur.exists ? cur.mod_rev : 0;
+    set_len(f, cur.len + add);
+  }
+}
+
 int config_commit(struct cfs_file *f) {
-  if (f->failed)
-    return 0;
-  if (!f->dirty)
+  if (f->failed || !f->dirty)
     return 0;
   int64_t rev = 0;
   cfs_log(LOG_DEBUG, "commit /config/%s: %zu bytes, %s", f->key, f->len,
-          f->truncating ? "plain put" : "compare on the revision read at open");
-  int rc = put_value(f->key, f->buf ? f->buf : "", f->len, f->truncating, f->base_rev, &rev);
+          f->truncating ? "plain put"
+          : f->append   ? "append"
+                        : "compare on the revision read at open");
+  int rc;
+  if (f->append && !f->truncating) {
+    rc = commit_append(f, &rev);
+  } else {
+    rc = put_value(f->key, f->buf ? f->buf : "", f->len, f->truncating, f->base_rev, f->base_rev, &rev, NULL);
+    if (rc == -EBUSY)
+      CFS_COUNT(conflicts);
+  }
+  f->dirty = 0;
   if (rc) {
     f->failed = 1;
-    f->dirty = 0;
     drop_creating(f);
     return rc;
   }
   f->base_rev = rev;
+  f->base_len = f->len;
   f->truncating = 0;
-  f->dirty = 0;
   f->wrote = 0;
+  keep_times(f);
   drop_creating(f);
-  return 0;
+  return 1;
 }
 
 int config_release(struct cfs_file *f) {
   int rc = config_commit(f);
   drop_creating(f);
+  config_untrack(f);
   return rc;
 }
 
@@ -515,9 +808,10 @@ int config_truncate(struct cfs_file *f, const char *rel, off_t size) {
       return rc;
     if ((size_t)size > f->len)
       memset(f->buf + f->len, 0, (size_t)size - f->len);
-    f->len = (size_t)size;
+    set_len(f, (size_t)size);
     if (size == 0)
       f->truncating = 1;
+    f->append = 0; /* the new value no longer follows the old one */
     f->dirty = 1;
     f->wrote = 1;
     return 0;
@@ -549,7 +843,9 @@ int config_truncate(struct cfs_file *f, const char *rel, off_t size) {
   int64_t rev;
   cfs_log(LOG_DEBUG, "truncate /config/%s to %lld bytes", key, (long long)size);
   if (!rc)
-    rc = put_value(key, val, (size_t)size, size == 0, base, &rev);
+    rc = put_value(key, val, (size_t)size, size == 0, base, base, &rev, NULL);
+  if (rc == -EBUSY)
+    CFS_COUNT(conflicts);
   free(val);
   free(key);
   return rc;

@@ -120,7 +120,9 @@ struct cfs_node {
   size_t len;
   int64_t create_rev, mod_rev, version, lease;
   int64_t rev;           /* revision of the last change applied (put or delete) */
-  struct timespec mtime; /* when this mount saw that revision */
+  struct timespec mtime; /* when this mount saw that revision, or what
+                            utimens set on this mount since (config.c) */
+  struct timespec atime; /* the same for the access time */
   int ndesc;             /* present good keys strictly below path/ */
   int localdir;          /* a mount-local directory: made by mkdir on this
                             mount, or emptied of its last key by this mount;
@@ -204,8 +206,17 @@ struct cfs_file {
   int failed;     /* a write or commit failed: never commit */
   int creating;   /* holds a cfs_node.creating reference (config) */
   int wrote;      /* write() or ftruncate() since the last commit */
-  int64_t base_rev;
+  int append;     /* O_APPEND (config): commit as compare-and-retry appends */
+  size_t base_len; /* append: bytes of the value the appends follow */
+  int64_t base_rev; /* mod revision the buffer starts from (0: no key) */
+  int times_set;    /* utimens while open (config, under config.c's
+                       wr_lock): the times to keep after the commit */
+  struct timespec atime, mtime;
   pid_t opener; /* process that opened it for writing (config), 0: unknown */
+  /* config.c's list of writable /config handles (getattr sizes) */
+  size_t shown_len; /* len as getattr shows it, under config.c's wr_lock */
+  uint64_t wseq;    /* when it last changed size (newest wins) */
+  struct cfs_file *wprev, *wnext;
   /* snapshot for reads (status, directory listings) */
   char *snap;
   size_t snap_len;
@@ -265,7 +276,17 @@ int config_list(const char *rel, void (*fill)(const char *name, mode_t mode, voi
 int config_open(const char *rel, struct cfs_file *f, int flags, int create);
 int config_read(struct cfs_file *f, size_t size, off_t off, char **out, size_t *out_len); /* malloc'd */
 int config_write(struct cfs_file *f, const char *buf, size_t size, off_t off);
-int config_commit(struct cfs_file *f); /* 0 or -errno */
+/* 1 if it wrote to etcd, 0 if there was nothing to write, or -errno. */
+int config_commit(struct cfs_file *f);
+/* Size of the newest writable handle of this mount open on the mount path
+ * (the kernel must not be told the committed size while a longer or
+ * shorter value is being written).  1 and *size if there is one, else 0. */
+int config_open_size(const char *path, off_t *size);
+/* utimens of the mount path (rel below /config): kept as the file's times
+ * on this mount until the key changes; a handle open for writing keeps
+ * them past its commit.  0 or -errno. */
+int config_set_times(const char *path, const char *rel, struct cfs_file *f, const struct timespec *atime,
+                     const struct timespec *mtime);
 int config_truncate(struct cfs_file *f, const char *rel, off_t size);
 int config_unlink(const char *rel);
 int config_mkdir(const char *rel);
@@ -273,6 +294,7 @@ int config_rmdir(const char *rel);
 int config_rename(const char *from, const char *to, unsigned flags);
 int config_xattr(const char *rel, const char *name, char *buf, size_t size); /* len or -errno */
 int config_release(struct cfs_file *f);
+void config_untrack(struct cfs_file *f); /* off the writable list (idempotent) */
 /* etcd key (relative to /config/) that the file at rel reads and writes. */
 char *config_key_of(const char *rel);
 

@@ -365,6 +365,8 @@ void cfs_file_free(struct cfs_file *f) {
   if (f->next)
     f->next->prev = f->prev;
   pthread_mutex_unlock(&files_lock);
+  if (f->kind == FK_CONFIG)
+    config_untrack(f);
   pthread_mutex_destroy(&f->lock);
   free(f->path);
   free(f->key);
@@ -473,7 +475,29 @@ static void op_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_dat
   fuse_reply_none(req);
 }
 
+/* The attributes the kernel is told: the tree's, except that a /config
+ * file open for writing on this mount shows the size being written (also
+ * when it was created and not committed yet).  Told the committed size in
+ * the middle of a write (fstat, fchmod or futimens before close: cp -p,
+ * tar x), the kernel would cut its cached pages, and the next reader's
+ * copy of the new value, to the old length. */
+static int stat_shown(fuse_req_t req, const char *path, struct stat *st) {
+  int rc = cfs_is_self(req) ? self_stat(path, st) : do_stat(path, st);
+  const char *rel;
+  off_t size;
+  if (split(path, &rel) == T_CONFIG && *rel && (!rc || rc == -ENOENT) && config_open_size(path, &size)) {
+    if (rc) /* created, not committed yet */
+      cfs_fill_stat(st, S_IFREG | 0644, 0, NULL), rc = 0;
+    if (S_ISREG(st->st_mode)) {
+      st->st_size = size;
+      st->st_blocks = (size + 511) / 512;
+    }
+  }
+  return rc;
+}
+
 static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+  (void)fi;
   CFS_COUNT(ops);
   char *path = path_of(ino);
   if (!path) {
@@ -481,21 +505,85 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     return;
   }
   struct stat st;
-  int rc = cfs_is_self(req) ? self_stat(path, &st) : do_stat(path, &st);
-  struct cfs_file *f = FH(fi);
-  if (f && f->kind == FK_CONFIG && f->writable) {
-    pthread_mutex_lock(&f->lock);
-    if (rc) /* created, not committed yet */
-      cfs_fill_stat(&st, S_IFREG | 0644, 0, NULL), rc = 0;
-    st.st_size = (off_t)f->len;
-    pthread_mutex_unlock(&f->lock);
-  }
+  int rc = stat_shown(req, path, &st);
   st.st_ino = ino;
   if (rc)
     fuse_reply_err(req, -rc);
   else
     fuse_reply_attr(req, &st, ATTR_TIMEOUT);
   free(path);
+}
+
+#define SET_TIMES (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)
+
+/* truncate/ftruncate. */
+static int set_size(enum tree t, const char *rel, struct cfs_file *f, off_t size) {
+  int rc = 0;
+  if (t == T_CONFIG) {
+    struct cfs_file *cf = f && f->kind == FK_CONFIG ? f : NULL;
+    if (cf)
+      pthread_mutex_lock(&cf->lock);
+    rc = config_truncate(cf, rel, size);
+    if (cf)
+      pthread_mutex_unlock(&cf->lock);
+  } else if (t == T_SERVICES && f && f->kind == FK_SERVICE) {
+    pthread_mutex_lock(&f->lock);
+    if ((size_t)size < f->len)
+      f->len = (size_t)size;
+    pthread_mutex_unlock(&f->lock);
+  } else if (!(f && f->kind == FK_LOCK)) { /* `exec 9>lock` truncates: nothing to do */
+    rc = -EACCES;
+  }
+  return rc;
+}
+
+/* utimens: /config keeps times on this mount (config_set_times); elsewhere
+ * only a change to what is shown already (a no-op) is accepted. */
+static int set_times(enum tree t, const char *path, const char *rel, struct cfs_file *f, const struct stat *cur,
+                     const struct stat *attr, int to_set) {
+  struct timespec now, a = cur->st_atim, m = cur->st_mtim;
+  clock_gettime(CLOCK_REALTIME, &now);
+  if (to_set & FUSE_SET_ATTR_ATIME_NOW)
+    a = now;
+  else if (to_set & FUSE_SET_ATTR_ATIME)
+    a = attr->st_atim;
+  if (to_set & FUSE_SET_ATTR_MTIME_NOW)
+    m = now;
+  else if (to_set & FUSE_SET_ATTR_MTIME)
+    m = attr->st_mtim;
+  if (t == T_CONFIG && *rel)
+    return config_set_times(path, rel, f, &a, &m);
+  int same = a.tv_sec == cur->st_atim.tv_sec && a.tv_nsec == cur->st_atim.tv_nsec &&
+             m.tv_sec == cur->st_mtim.tv_sec && m.tv_nsec == cur->st_mtim.tv_nsec;
+  return same ? 0 : -EPERM;
+}
+
+/* Carries out a setattr, all or nothing as far as can be checked first.
+ * Mode and owner are not stored anywhere: a chmod or chown to what the
+ * file shows already succeeds, any other is EPERM (it would not be kept).
+ * Times are checked before the size is changed. */
+static int set_attrs(fuse_req_t req, const char *path, struct cfs_file *f, const struct stat *attr, int to_set) {
+  const char *rel;
+  enum tree t = split(path, &rel);
+  struct stat cur;
+  int rc = stat_shown(req, path, &cur);
+  if (rc)
+    return rc;
+  int times = to_set & SET_TIMES;
+  if (g.o.ro && ((to_set & (FUSE_SET_ATTR_SIZE | FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) || times))
+    return -EROFS;
+  if ((to_set & FUSE_SET_ATTR_MODE) && (attr->st_mode & 07777) != (cur.st_mode & 07777))
+    return -EPERM;
+  if (((to_set & FUSE_SET_ATTR_UID) && attr->st_uid != cur.st_uid) ||
+      ((to_set & FUSE_SET_ATTR_GID) && attr->st_gid != cur.st_gid))
+    return -EPERM;
+  if (times && !(t == T_CONFIG && *rel) && set_times(t, path, rel, f, &cur, attr, to_set))
+    return -EPERM;
+  if ((to_set & FUSE_SET_ATTR_SIZE) && (rc = set_size(t, rel, f, attr->st_size)))
+    return rc;
+  if (times && t == T_CONFIG && *rel)
+    rc = set_times(t, path, rel, f, &cur, attr, to_set);
+  return rc;
 }
 
 static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
@@ -506,39 +594,11 @@ static void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
     fuse_reply_err(req, ESTALE);
     return;
   }
-  const char *rel;
-  enum tree t = split(path, &rel);
-  struct cfs_file *f = FH(fi);
-  int rc = 0;
-  if (!cfs_is_self(req) && (to_set & FUSE_SET_ATTR_SIZE)) {
-    if (g.o.ro)
-      rc = -EROFS;
-    else if (t == T_CONFIG) {
-      if (f)
-        pthread_mutex_lock(&f->lock);
-      rc = config_truncate(f && f->kind == FK_CONFIG ? f : NULL, rel, attr->st_size);
-      if (f)
-        pthread_mutex_unlock(&f->lock);
-    } else if (t == T_SERVICES && f && f->kind == FK_SERVICE) {
-      pthread_mutex_lock(&f->lock);
-      if ((size_t)attr->st_size < f->len)
-        f->len = (size_t)attr->st_size;
-      pthread_mutex_unlock(&f->lock);
-    } else if (f && f->kind == FK_LOCK) {
-      rc = 0; /* `exec 9>lock` truncates: nothing to do */
-    } else {
-      rc = -EACCES;
-    }
-  }
-  /* mode, owner and times are not stored: they are accepted and ignored */
+  /* the notifier's futimens (IN_ATTRIB) changes nothing */
+  int rc = cfs_is_self(req) ? 0 : set_attrs(req, path, FH(fi), attr, to_set);
   struct stat st;
   if (!rc)
-    rc = cfs_is_self(req) ? self_stat(path, &st) : do_stat(path, &st);
-  if (f && f->kind == FK_CONFIG && f->writable) {
-    if (rc == -ENOENT)
-      cfs_fill_stat(&st, S_IFREG | 0644, 0, NULL), rc = 0;
-    st.st_size = (off_t)f->len;
-  }
+    rc = stat_shown(req, path, &st);
   st.st_ino = ino;
   if (rc)
     fuse_reply_err(req, -rc);
@@ -679,7 +739,9 @@ static void open_path(fuse_req_t req, const char *path, struct fuse_file_info *f
       rc = f ? config_open(rel, f, fi->flags, create) : -ENOMEM;
       if (!rc && writable)
         f->opener = procfd_tgid(fuse_req_ctx(req)->pid);
-      fi->keep_cache = 1;
+      /* a writer starts from etcd's value (config_open): pages cached
+       * from an older one must not be mixed with its writes */
+      fi->keep_cache = !writable;
       break;
     case T_SERVICES:
       f = cfs_file_new(FK_SERVICE, path);
@@ -878,6 +940,16 @@ static int flush_commits(struct cfs_file *f, fuse_req_t req, fuse_ino_t ino) {
   return w < 0 ? f->wrote : !w;
 }
 
+/* After this mount committed a /config file: the kernel drops the file's
+ * attributes and pages, so the next stat and read get the committed value
+ * (an append may have been placed after another writer's, and a size the
+ * kernel was told during the write is stale).  No dirty pages exist
+ * without writeback caching, so this never blocks and is safe inside the
+ * handler of the commit's own FLUSH, FSYNC or RELEASE. */
+static void committed(fuse_ino_t ino) {
+  fuse_lowlevel_notify_inval_inode(g.se, ino, 0, 0);
+}
+
 /* Commits an open file's buffer: always for fsync (flush_req NULL); for a
  * FLUSH as flush_commits says.  /services documents register at each. */
 static int commit(struct cfs_file *f, fuse_req_t flush_req, fuse_ino_t ino) {
@@ -888,7 +960,9 @@ static int commit(struct cfs_file *f, fuse_req_t flush_req, fuse_ino_t ino) {
   else if (f->kind == FK_SERVICE)
     rc = services_flush(f);
   pthread_mutex_unlock(&f->lock);
-  return rc;
+  if (rc > 0)
+    committed(ino);
+  return rc < 0 ? rc : 0;
 }
 
 static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
@@ -909,12 +983,12 @@ static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_f
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
-  (void)ino;
   struct cfs_file *f = FH(fi);
+  int wrote = 0;
   pthread_mutex_lock(&f->lock);
   switch (f->kind) {
   case FK_CONFIG:
-    config_release(f);
+    wrote = config_release(f) > 0;
     break;
   case FK_SERVICE:
     services_release(f);
@@ -930,6 +1004,8 @@ static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
   }
   pthread_mutex_unlock(&f->lock);
   cfs_file_free(f);
+  if (wrote)
+    committed(ino);
   fuse_reply_err(req, 0);
 }
 

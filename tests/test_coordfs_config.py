@@ -317,29 +317,45 @@ def test_two_concurrent_writers_leave_one_whole_value(etcd, fs):
     assert read(p) == v
 
 
-def test_conflicting_append_fails_close(etcd, fs):
-    # The appending process must not fork while its descriptor is open (the
-    # child's close-on-exec would flush, i.e. commit, early), so it is a
-    # child of its own that waits for a line on stdin before closing.
-    p = C(fs, "conf")
-    sh("echo base > %s" % q(p))
+def _write_then_close_after(p, flags, data):
+    """A child that opens p with flags, writes data, then closes when told
+    (it must not fork while its descriptor is open: the child's
+    close-on-exec would flush, i.e. commit, early).  Returns (child,
+    close_result) where close_result() sends the go and returns 'closed'
+    or the errno name of close()."""
     prog = ("import os,sys,errno\n"
-            "fd=os.open(sys.argv[1], os.O_WRONLY|os.O_APPEND)\n"
-            "os.write(fd, b'mine\\n')\n"
+            "fd=os.open(sys.argv[1], int(sys.argv[2]))\n"
+            "os.write(fd, sys.argv[3].encode())\n"
             "print('written', flush=True)\n"
             "sys.stdin.readline()\n"
             "try:\n"
             "  os.close(fd); print('closed')\n"
             "except OSError as e:\n"
             "  print(errno.errorcode[e.errno])\n")
-    child = subprocess.Popen([sys.executable, "-c", prog, p], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen([sys.executable, "-c", prog, p, str(flags), data], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "written"
+    return lambda: child.communicate("go\n", timeout=30)[0].strip()
+
+
+def test_conflicting_overwrite_fails_close_and_append_goes_after(etcd, fs):
+    """A write in place (no O_TRUNC, no O_APPEND) that lost the race fails
+    its close with EBUSY and writes nothing; an append that lost the race
+    is put after the other writer's value (issue 13: appends lose no
+    line)."""
+    p = C(fs, "conf")
+    sh("echo base > %s" % q(p))
+    close = _write_then_close_after(p, os.O_WRONLY, "BASE")
     etcd.put("/config/conf", "theirs")
-    out, _ = child.communicate("go\n", timeout=30)
-    assert out.strip() == "EBUSY"
+    assert close() == "EBUSY"
     assert etcd.get("/config/conf") == "theirs"
     wait_for(lambda: read(p) == "theirs", 5, what="their value read back")
+    close = _write_then_close_after(p, os.O_WRONLY | os.O_APPEND, "mine\n")
+    etcd.put("/config/conf", "theirs2")
+    assert close() == "closed"
+    assert etcd.get("/config/conf") == "theirs2mine\n"
+    wait_for(lambda: read(p) == "theirs2mine\n", 5, what="the merged value read back")
+    sh("printf theirs > %s" % q(p))
     # without a conflict the append commits with the compare
     sh("echo more >> %s" % q(p))
     assert etcd.get("/config/conf") == "theirsmore\n"
