@@ -10,17 +10,32 @@
  * coherent and that every acknowledged write of this mount updates from the
  * Put's answer before the write is acknowledged.
  *
+ * An open for writing first asks etcd what the close would find (probe:
+ * reachable, write permitted), so that the error reaches the shell, which
+ * ignores close()'s; the handle starts from etcd's value, not the cache's.
+ *
  * Writes are buffered in the open file and committed whole with one request
  * on fsync, on the flush of the opener's last close (fs.c flush_commits:
  * the shell's `> file` opens, dup2()s and closes the first descriptor, and
  * that close must not publish the empty truncated value), or on release:
  *   - opened with O_TRUNC, created, or truncated to 0 before any write: a
  *     plain Put (the new content does not depend on the old);
- *   - otherwise (append, overwrite in place): a Txn that puts only if the
- *     key's mod revision is still the one read at open.  If someone else
- *     wrote in between the close fails with EBUSY and nothing is written.
- * A handle whose write or commit failed never commits afterwards: nothing
+ *   - O_APPEND: the bytes written go after whatever etcd holds at commit
+ *     (a Txn on the revision; when another writer got there first, the
+ *     failed compare brings its value and the Txn is tried again), so two
+ *     writers' appends both survive;
+ *   - otherwise (overwrite in place): a Txn that puts only if the key's mod
+ *     revision is still the one read at open.  If someone else wrote in
+ *     between the close fails with EBUSY and nothing is written.
+ * A commit without an answer in time is ETIMEDOUT (it may still be
+ * applied) unless a read shows it was (settle); EIO means not written.  A
+ * handle whose write or commit failed never commits afterwards: nothing
  * half-written reaches etcd.
+ *
+ * While a handle is open for writing, getattr and setattr show its size
+ * (the writers list, under wr_lock); fs.c invalidates the inode after each
+ * commit.  Times set with utimens are kept on this mount (node atime and
+ * mtime) until the key changes.
  *
  * Locking: file->lock is held by the caller (fs.c) for every function that
  * takes a cfs_file; g.lock is taken here around cache access only, never

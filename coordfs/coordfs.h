@@ -38,15 +38,21 @@
  *   notifier lock (notifier.c, private) the job queue and the current job.
  *
  * Behaviour chosen where DESIGN.md leaves a choice:
- *   - a non-truncating write that lost the race (someone wrote the key after
- *     it was opened) fails its close with EBUSY; transport failures are EIO;
+ *   - an overwrite in place that lost the race (someone wrote the key after
+ *     it was opened) fails its close with EBUSY; an append is retried on top
+ *     of the other writer's value; transport failures are EIO, and a commit
+ *     without an answer in time (it may still be applied) is ETIMEDOUT;
+ *   - an open for writing in /config asks etcd first (config.c probe): the
+ *     shell sees EIO/EACCES at the open, not at a close it ignores;
+ *   - mode and owner are not stored: chmod/chown to what is shown succeed,
+ *     any other is EPERM; times are kept on this mount in /config;
  *   - a flush commits a /config file when /proc shows it is the opener's
  *     last writable descriptor on it (fs.c flush_commits; after a write
  *     only, when /proc cannot tell); release commits whatever is left;
  *   - a directory this mount empties (rm, mv, rmdir below it) stays as a
  *     mount-local directory until it is removed, as on a local disk; one
  *     emptied by another client goes (config.c keep_parent);
- *   - an open (and a failed lookup) in /config first asks etcd for the key's
+ *   - a read-only open (and a failed lookup) in /config first asks etcd for the key's
  *     revision (keys only) and waits, at most 1 s, until the watch has
  *     brought the cache that far, so etcdctl's changes are read back at
  *     once; with etcd unreachable the cache answers after 0.5 s;
@@ -201,13 +207,13 @@ struct cfs_file {
   /* write buffer (config, service) */
   char *buf;
   size_t len, cap;
-  int dirty;      /* buffer differs from what was committed */
-  int truncating; /* started by truncating: commit without a compare */
-  int failed;     /* a write or commit failed: never commit */
-  int creating;   /* holds a cfs_node.creating reference (config) */
-  int wrote;      /* write() or ftruncate() since the last commit */
-  int append;     /* O_APPEND (config): commit as compare-and-retry appends */
-  size_t base_len; /* append: bytes of the value the appends follow */
+  int dirty;        /* buffer differs from what was committed */
+  int truncating;   /* started by truncating: commit without a compare */
+  int failed;       /* a write or commit failed: never commit */
+  int creating;     /* holds a cfs_node.creating reference (config) */
+  int wrote;        /* write() or ftruncate() since the last commit */
+  int append;       /* O_APPEND (config): commit as compare-and-retry appends */
+  size_t base_len;  /* append: bytes of the value the appends follow */
   int64_t base_rev; /* mod revision the buffer starts from (0: no key) */
   int times_set;    /* utimens while open (config, under config.c's
                        wr_lock): the times to keep after the commit */

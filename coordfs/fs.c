@@ -514,7 +514,8 @@ static void op_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
   free(path);
 }
 
-#define SET_TIMES (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)
+#define SET_TIMES                                                                                            \
+  (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)
 
 /* truncate/ftruncate. */
 static int set_size(enum tree t, const char *rel, struct cfs_file *f, off_t size) {
@@ -539,8 +540,8 @@ static int set_size(enum tree t, const char *rel, struct cfs_file *f, off_t size
 
 /* utimens: /config keeps times on this mount (config_set_times); elsewhere
  * only a change to what is shown already (a no-op) is accepted. */
-static int set_times(enum tree t, const char *path, const char *rel, struct cfs_file *f, const struct stat *cur,
-                     const struct stat *attr, int to_set) {
+static int set_times(enum tree t, const char *path, const char *rel, struct cfs_file *f,
+                     const struct stat *cur, const struct stat *attr, int to_set) {
   struct timespec now, a = cur->st_atim, m = cur->st_mtim;
   clock_gettime(CLOCK_REALTIME, &now);
   if (to_set & FUSE_SET_ATTR_ATIME_NOW)
@@ -562,7 +563,8 @@ static int set_times(enum tree t, const char *path, const char *rel, struct cfs_
  * Mode and owner are not stored anywhere: a chmod or chown to what the
  * file shows already succeeds, any other is EPERM (it would not be kept).
  * Times are checked before the size is changed. */
-static int set_attrs(fuse_req_t req, const char *path, struct cfs_file *f, const struct stat *attr, int to_set) {
+static int set_attrs(fuse_req_t req, const char *path, struct cfs_file *f, const struct stat *attr,
+                     int to_set) {
   const char *rel;
   enum tree t = split(path, &rel);
   struct stat cur;
@@ -570,7 +572,8 @@ static int set_attrs(fuse_req_t req, const char *path, struct cfs_file *f, const
   if (rc)
     return rc;
   int times = to_set & SET_TIMES;
-  if (g.o.ro && ((to_set & (FUSE_SET_ATTR_SIZE | FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) || times))
+  if (g.o.ro &&
+      ((to_set & (FUSE_SET_ATTR_SIZE | FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) || times))
     return -EROFS;
   if ((to_set & FUSE_SET_ATTR_MODE) && (attr->st_mode & 07777) != (cur.st_mode & 07777))
     return -EPERM;
