@@ -139,8 +139,10 @@ static int stat_locked(const char *rel, struct stat *st) {
   struct cfs_node *n = cache_find(&g.config, rel);
   if (cache_is_dir(n))
     cfs_fill_stat(st, dmode, 0, &n->mtime);
-  else if (cache_is_file(n))
+  else if (cache_is_file(n) && !local_name(rel)) /* a local name hides its key */
     cfs_fill_stat(st, fmode, (off_t)n->len, &n->mtime);
+  else if (local_dir_used(rel)) /* kept by the mount-local files in it */
+    return cfs_fill_stat(st, dmode, 0, NULL), 0;
   else
     return -ENOENT;
   if (n->atime.tv_sec)
@@ -149,6 +151,8 @@ static int stat_locked(const char *rel, struct stat *st) {
 }
 
 int config_stat(const char *rel, struct stat *st) {
+  if (local_name(rel) && !local_stat(rel, st))
+    return 0;
   pthread_mutex_lock(&g.lock);
   int rc = stat_locked(rel, st);
   pthread_mutex_unlock(&g.lock);
@@ -162,20 +166,24 @@ struct list_ctx {
 
 static void list_one(struct cfs_node *n, const char *name, void *arg) {
   struct list_ctx *lc = arg;
-  lc->fill(name, cache_is_dir(n) ? S_IFDIR : S_IFREG, lc->arg);
+  if (cache_is_dir(n))
+    lc->fill(name, S_IFDIR, lc->arg);
+  else if (!local_name(name)) /* shown by local_list instead */
+    lc->fill(name, S_IFREG, lc->arg);
 }
 
 int config_list(const char *rel, void (*fill)(const char *name, mode_t mode, void *arg), void *arg) {
   struct list_ctx lc = {fill, arg};
   pthread_mutex_lock(&g.lock);
   struct cfs_node *n = *rel ? cache_find(&g.config, rel) : NULL;
-  if (*rel && !cache_is_dir(n)) {
+  if (*rel && !cache_is_dir(n) && !local_dir_used(rel)) {
     pthread_mutex_unlock(&g.lock);
     return -ENOTDIR;
   }
-  if (n && cache_is_file(n))
+  if (n && cache_is_dir(n) && cache_is_file(n))
     fill(".value", S_IFREG, arg);
   cache_children(&g.config, rel, list_one, &lc);
+  local_list(rel, fill, arg);
   pthread_mutex_unlock(&g.lock);
   return 0;
 }
@@ -232,7 +240,7 @@ static void freshen(const char *key) {
 }
 
 int config_freshen_name(const char *rel) {
-  if (!cfs_key_ok(rel, strlen(rel)))
+  if (!cfs_key_ok(rel, strlen(rel)) || local_name(rel))
     return 0;
   char *k = etcd_key(rel);
   char *dir = k ? malloc(strlen(k) + 2) : NULL;
@@ -473,13 +481,15 @@ static int open_writable(struct cfs_file *f, struct cfs_node *n, int flags, int 
   return 0;
 }
 
-int config_open(const char *rel, struct cfs_file *f, int flags, int create) {
+int config_open(const char *rel, struct cfs_file *f, int flags, int create, mode_t mode) {
   char *key = config_key_of(rel);
   if (!key || !*key) {
     free(key);
     return -EINVAL;
   }
   f->key = key;
+  if (local_name(rel))
+    return local_open(rel, f, flags, create, mode);
   f->writable = (flags & O_ACCMODE) != O_RDONLY;
   struct current cur = {0};
   if (f->writable) {
@@ -525,6 +535,8 @@ static int copy_range(const char *src, size_t len, size_t size, off_t off, char 
 }
 
 int config_read(struct cfs_file *f, size_t size, off_t off, char **out, size_t *out_len) {
+  if (f->priv)
+    return local_read(f, size, off, out, out_len);
   if (f->writable)
     return copy_range(f->buf, f->len, size, off, out, out_len);
   pthread_mutex_lock(&g.lock);
@@ -538,6 +550,8 @@ int config_read(struct cfs_file *f, size_t size, off_t off, char **out, size_t *
 }
 
 int config_write(struct cfs_file *f, const char *buf, size_t size, off_t off) {
+  if (f->priv)
+    return local_write(f, buf, size, off);
   if (f->failed)
     return -EIO;
   if (f->append) /* at the end of what this handle holds, whatever the
@@ -806,6 +820,7 @@ int config_commit(struct cfs_file *f) {
 }
 
 int config_release(struct cfs_file *f) {
+  local_release(f);
   int rc = config_commit(f);
   drop_creating(f);
   config_untrack(f);
@@ -813,6 +828,10 @@ int config_release(struct cfs_file *f) {
 }
 
 int config_truncate(struct cfs_file *f, const char *rel, off_t size) {
+  if ((f && f->priv) || (local_name(rel) && !local_stat(rel, &(struct stat){0}))) {
+    struct stat a = {.st_size = size};
+    return local_setattr(rel, f, &a, FUSE_SET_ATTR_SIZE);
+  }
   if (f && f->writable) {
     if (f->failed)
       return -EIO;
@@ -867,6 +886,8 @@ int config_truncate(struct cfs_file *f, const char *rel, off_t size) {
 }
 
 int config_unlink(const char *rel) {
+  if (local_name(rel) && !local_unlink(rel))
+    return 0;
   char *key = config_key_of(rel);
   if (!key)
     return -EINVAL;
@@ -901,6 +922,8 @@ int config_unlink(const char *rel) {
 int config_mkdir(const char *rel) {
   if (is_value_path(rel) || !strcmp(rel, ".value") || !cfs_key_ok(rel, strlen(rel)))
     return -EINVAL;
+  if (local_name(rel) && !local_stat(rel, &(struct stat){0}))
+    return -EEXIST;
   pthread_mutex_lock(&g.lock);
   struct cfs_node *n = cache_node(&g.config, rel);
   int rc = 0;
@@ -924,7 +947,9 @@ int config_rmdir(const char *rel) {
   pthread_mutex_lock(&g.lock);
   struct cfs_node *n = cache_find(&g.config, rel);
   int rc = 0, busy = 0;
-  if (!cache_is_dir(n)) {
+  if (local_dir_used(rel)) {
+    rc = -ENOTEMPTY;
+  } else if (!cache_is_dir(n)) {
     rc = cache_is_file(n) ? -ENOTDIR : -ENOENT;
   } else {
     cache_children(&g.config, rel, any_child, &busy);
@@ -1138,6 +1163,11 @@ static int commit_moves(struct collect *cl, const char *fk, const char *tk, int 
 int config_rename(const char *from, const char *to, unsigned flags) {
   if (flags & RENAME_EXCHANGE)
     return -EINVAL;
+  struct stat st;
+  if (local_name(from) && !local_stat(from, &st)) /* a mount-local file */
+    return local_name(to) ? local_rename(from, to, flags & RENAME_NOREPLACE) : -EXDEV;
+  if (local_name(to) && !(config_stat(from, &st) == 0 && S_ISDIR(st.st_mode)))
+    return -EXDEV; /* a key does not become mount-local: mv copies */
   char *fk = config_key_of(from), *tk = config_key_of(to);
   if (!fk || !tk || !*fk || !*tk || !cfs_key_ok(tk, strlen(tk))) {
     free(fk);
@@ -1157,6 +1187,8 @@ int config_rename(const char *from, const char *to, unsigned flags) {
   forget_dir(forget);
   if (!rc && cl.n)
     rc = commit_moves(&cl, fk, tk, dir);
+  if (!rc && (dir || local))
+    local_rename_dir(fk, tk); /* the mount-local files below go along */
   free_moves(&cl);
   free(fk);
   free(tk);
@@ -1164,6 +1196,8 @@ int config_rename(const char *from, const char *to, unsigned flags) {
 }
 
 int config_xattr(const char *rel, const char *name, char *buf, size_t size) {
+  if (local_name(rel) && !local_stat(rel, &(struct stat){0}))
+    return name ? -ENODATA : 0; /* not a key: no etcd metadata */
   char *key = config_key_of(rel);
   if (!key)
     return name ? -ENODATA : 0;

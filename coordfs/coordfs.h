@@ -13,6 +13,7 @@
  *   procfd.c    /proc: does a closing process keep other descriptors?
  *   notifier.c  the notifier thread: self-operations so inotify works
  *   locks.c     /locks (issue 5) behind the locks_* hooks declared below
+ *   local.c     mount-local files in /config (editors' temporary files)
  *   log.c       logging: stderr in the foreground, syslog as a daemon (log.h)
  *
  * Threads:
@@ -96,6 +97,7 @@ struct cfs_opts {
   char *cacert, *cert, *key;
   char *prefix;
   char *subtree;     /* --subtree: load and watch only /config/<subtree>/ */
+  char *local_names; /* --local-names: ':'-separated globs (NULL: default) */
   char *config_root; /* "/config/" or "/config/<subtree>/" (set by main) */
   int lock_ttl_ms;
   int service_ttl_ms;
@@ -279,7 +281,7 @@ int config_stat(const char *rel, struct stat *st);
  * wait until the watch thread has brought it in.  1 if it exists. */
 int config_freshen_name(const char *rel);
 int config_list(const char *rel, void (*fill)(const char *name, mode_t mode, void *arg), void *arg);
-int config_open(const char *rel, struct cfs_file *f, int flags, int create);
+int config_open(const char *rel, struct cfs_file *f, int flags, int create, mode_t mode);
 int config_read(struct cfs_file *f, size_t size, off_t off, char **out, size_t *out_len); /* malloc'd */
 int config_write(struct cfs_file *f, const char *buf, size_t size, off_t off);
 /* 1 if it wrote to etcd, 0 if there was nothing to write, or -errno. */
@@ -303,6 +305,28 @@ int config_release(struct cfs_file *f);
 void config_untrack(struct cfs_file *f); /* off the writable list (idempotent) */
 /* etcd key (relative to /config/) that the file at rel reads and writes. */
 char *config_key_of(const char *rel);
+
+/* ---------------------------------------------------------------- local.c
+ *
+ * Mount-local files: /config names matching --local-names (editors'
+ * temporary files) kept in this mount's memory, never in etcd.  config.c
+ * routes them here; a local handle is an FK_CONFIG file whose priv is set.
+ * local.c's lock is a leaf (may be taken under g.lock and file->lock). */
+
+int local_init(const char *globs); /* NULL: the default list; "" none */
+void local_free(void);
+int local_name(const char *rel); /* the last component matches a glob */
+int local_stat(const char *rel, struct stat *st);
+int local_dir_used(const char *dir); /* a local file below dir/ */
+void local_list(const char *dir, void (*fn)(const char *name, mode_t mode, void *arg), void *arg);
+int local_open(const char *rel, struct cfs_file *f, int flags, int create, mode_t mode);
+int local_read(struct cfs_file *f, size_t size, off_t off, char **out, size_t *out_len);
+int local_write(struct cfs_file *f, const char *buf, size_t size, off_t off);
+void local_release(struct cfs_file *f); /* idempotent */
+int local_setattr(const char *rel, struct cfs_file *f, const struct stat *attr, int to_set);
+int local_unlink(const char *rel);
+int local_rename(const char *from, const char *to, int noreplace);
+int local_rename_dir(const char *from, const char *to);
 
 /* ---------------------------------------------------------------- services.c */
 

@@ -408,6 +408,10 @@ static void apply_event(int which, const coord_event_t *ev, const char *rel, siz
   struct jobs js = {0};
   struct seen before, after;
   int ok = cfs_key_ok(rel, rel_len);
+  char *name = ok && which == S_CONFIG ? strndup(rel, rel_len) : NULL;
+  if (name && local_name(name)) /* hidden by this mount's local file names */
+    ok = 0;
+  free(name);
   pthread_mutex_lock(&g.lock);
   char *key = strndup(rel, rel_len);
   struct cfs_node *kn = key ? cache_find(c, key) : NULL;

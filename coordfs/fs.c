@@ -365,8 +365,10 @@ void cfs_file_free(struct cfs_file *f) {
   if (f->next)
     f->next->prev = f->prev;
   pthread_mutex_unlock(&files_lock);
-  if (f->kind == FK_CONFIG)
+  if (f->kind == FK_CONFIG) {
     config_untrack(f);
+    local_release(f);
+  }
   pthread_mutex_destroy(&f->lock);
   free(f->path);
   free(f->key);
@@ -571,6 +573,9 @@ static int set_attrs(fuse_req_t req, const char *path, struct cfs_file *f, const
   int rc = stat_shown(req, path, &cur);
   if (rc)
     return rc;
+  struct cfs_file *cf = f && f->kind == FK_CONFIG ? f : NULL;
+  if (t == T_CONFIG && ((cf && cf->priv) || (local_name(rel) && S_ISREG(cur.st_mode))))
+    return g.o.ro ? -EROFS : local_setattr(rel, cf, attr, to_set); /* keeps mode and times */
   int times = to_set & SET_TIMES;
   if (g.o.ro &&
       ((to_set & (FUSE_SET_ATTR_SIZE | FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) || times))
@@ -717,7 +722,7 @@ static void op_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_
 
 /* Opens path (create: O_CREAT of a new name).  Answers the request unless
  * the file belongs to /locks, whose hook answers it. */
-static void open_path(fuse_req_t req, const char *path, struct fuse_file_info *fi, int create) {
+static void open_path(fuse_req_t req, const char *path, struct fuse_file_info *fi, int create, mode_t mode) {
   const char *rel;
   enum tree t = split(path, &rel);
   int rc = 0;
@@ -739,7 +744,7 @@ static void open_path(fuse_req_t req, const char *path, struct fuse_file_info *f
     switch (t) {
     case T_CONFIG:
       f = cfs_file_new(FK_CONFIG, path);
-      rc = f ? config_open(rel, f, fi->flags, create) : -ENOMEM;
+      rc = f ? config_open(rel, f, fi->flags, create, mode) : -ENOMEM;
       if (!rc && writable)
         f->opener = procfd_tgid(fuse_req_ctx(req)->pid);
       /* a writer starts from etcd's value (config_open): pages cached
@@ -821,13 +826,12 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     fuse_reply_err(req, ESTALE);
     return;
   }
-  open_path(req, path, fi, 0);
+  open_path(req, path, fi, 0, 0);
   free(path);
 }
 
 static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
                       struct fuse_file_info *fi) {
-  (void)mode;
   CFS_COUNT(ops);
   char *path = child_path(req, parent, name);
   if (!path)
@@ -835,7 +839,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
   if (strlen(name) > 255)
     fuse_reply_err(req, ENAMETOOLONG);
   else
-    open_path(req, path, fi, 1);
+    open_path(req, path, fi, 1, mode);
   free(path);
 }
 

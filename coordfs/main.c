@@ -75,6 +75,10 @@ static const struct fuse_opt opts_spec[] = {
     O("--key %s", key),
     O("--key=%s", key),
     O("key=%s", key),
+    O("--local-names %s", local_names),
+    O("--local-names=%s", local_names),
+    O("local-names=%s", local_names),
+    O("local_names=%s", local_names),
     O("--subtree %s", subtree),
     O("--subtree=%s", subtree),
     O("subtree=%s", subtree),
@@ -137,6 +141,9 @@ static void usage(FILE *f) {
       "  --prefix=P           namespace prefix before every key\n"
       "  --subtree=PATH       load and watch only /config/PATH/ (for an etcd\n"
       "                       user whose role covers that subtree alone)\n"
+      "  --local-names=GLOBS  /config names kept on this mount only, never in etcd,\n"
+      "                       ':'-separated (default: editors' temporary files,\n"
+      "                       .*.sw?:.*.swpx:4913:*~:#*#:.#*; empty: none)\n"
       "  --lock-ttl=T         lease TTL of locks taken through /locks (default 10s)\n"
       "  --service-ttl=T      lease TTL of registrations through /services (default 10s)\n"
       "  --timeout=T          deadline of each etcd call (default 5s)\n"
@@ -302,6 +309,10 @@ int main(int argc, char **argv) {
   } else {
     g.o.config_root = strdup("/config/");
   }
+  if (local_init(g.o.local_names)) {
+    fprintf(stderr, "coordfs: out of memory\n");
+    return 1;
+  }
   if (raw.lock_ttl && (g.o.lock_ttl_ms = cfs_parse_ms(raw.lock_ttl)) <= 0) {
     fprintf(stderr, "coordfs: bad --lock-ttl '%s'\n", raw.lock_ttl);
     return 2;
@@ -456,5 +467,6 @@ int main(int argc, char **argv) {
   fuse_opt_free_args(&args);
   cache_free(&g.config);
   cache_free(&g.services);
+  local_free();
   return rc < 0 ? 1 : 0;
 }

@@ -283,3 +283,66 @@ def test_chmod_chown_fail_unless_no_op_and_times_are_kept(etcd, coordfs_mount, t
     # elsewhere nothing keeps times: only a no-op succeeds
     r = sh('touch -d "2020-01-01" "$L"', {"L": m.join("status")})
     assert r.returncode != 0
+
+
+# ------------------------------------------------------------------ editors: mount-local names
+
+@pytest.mark.timeout(120)
+def test_vim_edit_is_one_put_and_its_temporary_files_stay_local(etcd, coordfs_mount):
+    """An edit with vim used to put its swap file (and more) cluster-wide.
+    Now the temporary names (--local-names, editors' by default) stay on
+    the mount: the only change etcd sees is the one Put of the file."""
+    m = coordfs_mount(etcd)
+    other = coordfs_mount(etcd)
+    F = {"F": m.join("config", "app.conf"), "D": m.join("config")}
+    ok('printf "port=1\\nhost=a\\n" > "$F"', F)
+    rev0 = etcd.revision()
+    # vim keeps its swap file open while it runs: look at the mount then
+    p = harness._popen(["vim", "-u", "NONE", "-i", "NONE", "-N", "-es",
+                        "-c", "%s/port=1/port=2/", "-c", "sleep 2", "-c", "wq", F["F"]],
+                       env=dict(os.environ, TERM="dumb"), stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: os.path.exists(m.join("config", ".app.conf.swp")), 20 * SLOW, what="vim's swap file")
+    assert ".app.conf.swp" in os.listdir(m.join("config"))
+    assert ".app.conf.swp" not in os.listdir(other.join("config"))
+    assert p.wait(60) == 0, p.stderr.read()
+    assert etcd.get("/config/app.conf") == "port=2\nhost=a\n"
+    assert not os.path.exists(m.join("config", ".app.conf.swp"))
+    assert etcd.revision() == rev0 + 1, "vim wrote %d revisions" % (etcd.revision() - rev0)
+    assert sorted(os.listdir(other.join("config"))) == ["app.conf"]
+
+
+def test_local_names_are_files_of_this_mount_only(etcd, coordfs_mount):
+    m = coordfs_mount(etcd)
+    other = coordfs_mount(etcd)
+    F = {"D": m.join("config"), "O": other.join("config")}
+    ok('echo v > "$D/app"; cp -p "$D/app" "$D/app~"; echo x >> "$D/app~"; mkdir "$D/sub"; echo s > "$D/sub/#a#"', F)
+    assert open(m.join("config", "app~")).read() == "v\nx\n"
+    assert ok('ls -A "$D"', F).split() == ["app", "app~", "sub"]
+    assert ok('ls -A "$O"', F).split() == ["app"]
+    assert sorted(etcd.get_prefix("/config/")) == ["/config/app"]
+    r = sh('rmdir "$D/sub"', F)
+    assert r.returncode != 0 and "not empty" in r.stderr
+    ok('chmod 600 "$D/app~" && touch -d @1500000000 "$D/app~"', F)  # kept: a local file is a file
+    st = os.stat(m.join("config", "app~"))
+    assert stat.S_IMODE(st.st_mode) == 0o600 and int(st.st_mtime) == 1500000000
+    ok('mv "$D/app~" "$D/app.bak~" && mv "$D/app.bak~" "$D/restored"', F)  # to a key: mv copies
+    assert etcd.get("/config/restored") == "v\nx\n"
+    assert not os.path.exists(m.join("config", "app.bak~"))
+    ok('rm "$D/sub/#a#" && rmdir "$D/sub"', F)
+    # a key whose name is a local name is not shown on this mount
+    etcd.put("/config/etcd~", "from etcd")
+    time.sleep(0.5)
+    assert "etcd~" not in os.listdir(m.join("config"))
+
+
+def test_local_names_option(etcd, coordfs_mount):
+    """--local-names='' turns it off (editors' files are keys again);
+    --local-names='*.tmp' keeps only those."""
+    m = coordfs_mount(etcd, "-o", "local-names=")
+    ok('echo a > "$F"', {"F": m.join("config", "a~")})
+    assert etcd.get("/config/a~") == "a\n"
+    m2 = coordfs_mount(etcd, "--local-names=*.tmp:x?")
+    ok('echo b > "$D/b.tmp"; echo c > "$D/xy"; echo d > "$D/d~"', {"D": m2.join("config")})
+    assert etcd.get("/config/b.tmp") is None and etcd.get("/config/xy") is None
+    assert etcd.get("/config/d~") == "d\n"
