@@ -804,6 +804,10 @@ int config_commit(struct cfs_file *f) {
     if (rc == -EBUSY)
       CFS_COUNT(conflicts);
   }
+  if (rc == -EBUSY)
+    cfs_log(LOG_NOTICE,
+            "write of /config/%s not committed: the key was written by another client since it was opened",
+            f->key);
   f->dirty = 0;
   if (rc) {
     f->failed = 1;
