@@ -317,7 +317,8 @@ int local_init(const char *globs); /* NULL: the default list; "" none */
 void local_free(void);
 int local_name(const char *rel); /* the last component matches a glob */
 int local_stat(const char *rel, struct stat *st);
-int local_dir_used(const char *dir); /* a local file below dir/ */
+int local_stat_open(const char *rel, struct stat *st); /* unlinked, still open */
+int local_dir_used(const char *dir);                   /* a local file below dir/ */
 void local_list(const char *dir, void (*fn)(const char *name, mode_t mode, void *arg), void *arg);
 int local_open(const char *rel, struct cfs_file *f, int flags, int create, mode_t mode);
 int local_read(struct cfs_file *f, size_t size, off_t off, char **out, size_t *out_len);

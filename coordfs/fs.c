@@ -487,6 +487,8 @@ static int stat_shown(fuse_req_t req, const char *path, struct stat *st) {
   int rc = cfs_is_self(req) ? self_stat(path, st) : do_stat(path, st);
   const char *rel;
   off_t size;
+  if (rc == -ENOENT && split(path, &rel) == T_CONFIG && local_name(rel) && !local_stat_open(rel, st))
+    return 0; /* an unlinked mount-local file read through a descriptor */
   if (split(path, &rel) == T_CONFIG && *rel && (!rc || rc == -ENOENT) && config_open_size(path, &size)) {
     if (rc) /* created, not committed yet */
       cfs_fill_stat(st, S_IFREG | 0644, 0, NULL), rc = 0;

@@ -50,7 +50,8 @@ struct lfile {
 };
 
 static pthread_mutex_t lk = PTHREAD_MUTEX_INITIALIZER;
-static struct lfile *files;
+static struct lfile *files;   /* linked: the names */
+static struct lfile *orphans; /* unlinked, still open: for fstat */
 static char **globs;
 static size_t nglobs;
 
@@ -75,9 +76,9 @@ int local_init(const char *spec) {
 }
 
 void local_free(void) {
-  while (files) {
-    struct lfile *f = files;
-    files = f->next;
+  while (files || orphans) {
+    struct lfile *f = files ? files : orphans;
+    *(files ? &files : &orphans) = f->next;
     free(f->path);
     free(f->data);
     free(f);
@@ -101,30 +102,45 @@ int local_name(const char *rel) {
 }
 
 /* lk held. */
-static struct lfile *find(const char *rel) {
-  for (struct lfile *f = files; f; f = f->next)
+static struct lfile *find_in(struct lfile *list, const char *rel) {
+  for (struct lfile *f = list; f; f = f->next)
     if (!strcmp(f->path, rel))
       return f;
   return NULL;
+}
+
+static struct lfile *find(const char *rel) {
+  return find_in(files, rel);
+}
+
+/* lk held: takes f off list *head. */
+static void take_off(struct lfile **head, struct lfile *f) {
+  for (struct lfile **pp = head; *pp; pp = &(*pp)->next)
+    if (*pp == f) {
+      *pp = f->next;
+      return;
+    }
 }
 
 /* lk held: drop a reference; frees at the last. */
 static void unref(struct lfile *f) {
   if (--f->refs > 0)
     return;
+  if (!f->linked)
+    take_off(&orphans, f);
   free(f->path);
   free(f->data);
   free(f);
 }
 
-/* lk held: takes f out of the table. */
+/* lk held: takes f out of the table; while open it is an orphan. */
 static void unlink_file(struct lfile *f) {
-  for (struct lfile **pp = &files; *pp; pp = &(*pp)->next)
-    if (*pp == f) {
-      *pp = f->next;
-      break;
-    }
+  take_off(&files, f);
   f->linked = 0;
+  if (f->refs > 1) {
+    f->next = orphans;
+    orphans = f;
+  }
   unref(f);
 }
 
@@ -137,6 +153,15 @@ static void fill(const struct lfile *f, struct stat *st) {
 int local_stat(const char *rel, struct stat *st) {
   pthread_mutex_lock(&lk);
   struct lfile *f = find(rel);
+  if (f)
+    fill(f, st);
+  pthread_mutex_unlock(&lk);
+  return f ? 0 : -ENOENT;
+}
+
+int local_stat_open(const char *rel, struct stat *st) {
+  pthread_mutex_lock(&lk);
+  struct lfile *f = find_in(orphans, rel);
   if (f)
     fill(f, st);
   pthread_mutex_unlock(&lk);
@@ -278,6 +303,8 @@ void local_release(struct cfs_file *f) {
 int local_setattr(const char *rel, struct cfs_file *f, const struct stat *attr, int to_set) {
   pthread_mutex_lock(&lk);
   struct lfile *lf = f && f->priv ? f->priv : find(rel);
+  if (!lf)
+    lf = find_in(orphans, rel); /* fchmod of an unlinked file */
   int rc = lf ? 0 : -ENOENT;
   if (!rc && (((to_set & FUSE_SET_ATTR_UID) && attr->st_uid != g.o.uid) ||
               ((to_set & FUSE_SET_ATTR_GID) && attr->st_gid != g.o.gid)))

@@ -346,3 +346,9 @@ def test_local_names_option(etcd, coordfs_mount):
     ok('echo b > "$D/b.tmp"; echo c > "$D/xy"; echo d > "$D/d~"', {"D": m2.join("config")})
     assert etcd.get("/config/b.tmp") is None and etcd.get("/config/xy") is None
     assert etcd.get("/config/d~") == "d\n"
+
+
+def test_unlinked_local_file_still_reads_through_its_descriptor(etcd, coordfs_mount):
+    m = coordfs_mount(etcd)
+    out = ok('cd "$D"; echo t > x~; exec 4<x~; rm x~; test ! -e x~; cat <&4; exec 4<&-; ls -A', {"D": m.join("config")})
+    assert out == "t\n"

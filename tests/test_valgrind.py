@@ -75,6 +75,14 @@ ls -R config > /dev/null
 getfattr -d config/app > /dev/null
 cp config/app config/copy
 rm config/copy
+echo t > 'config/app~'
+exec 4< 'config/app~'
+rm 'config/app~'
+cat <&4 > /dev/null
+exec 4<&-
+echo keep > config/.keep.swp
+touch -d @1500000000 config/app
+if chmod 600 config/app 2>/dev/null; then exit 4; fi
 rm -r config/d2
 if echo '{"bad' > services/web/i1 2>/dev/null; then exit 3; fi
 exec 3> services/web/i1
