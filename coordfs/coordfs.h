@@ -137,6 +137,8 @@ struct cfs_cache {
   struct cfs_node **tab;
   size_t cap, n;
   int nbad;         /* present keys that cannot be file names */
+  int newbad;       /* set by cache_apply when it made a key one of those
+                       (for the caller to log); only callers clear it */
   int64_t rev;      /* highest revision applied */
   int64_t notified; /* highest revision whose event the watch thread has fully
                        handled (cache, kernel invalidation, notifier jobs) */
@@ -168,6 +170,11 @@ void cache_children(struct cfs_cache *c, const char *dir,
                     void (*fn)(struct cfs_node *n, const char *name, void *arg), void *arg);
 /* 1 if key (relative to the tree) can be shown as a file path. */
 int cfs_key_ok(const char *key, size_t len);
+/* Why key cannot be shown as a file path (a constant string), or NULL. */
+const char *cfs_key_problem(const char *key, size_t len);
+/* Calls fn with each present key that cannot be a file name (its bytes
+ * as in etcd, relative to the tree; NUL-terminated, len may count NULs). */
+void cache_skipped(struct cfs_cache *c, void (*fn)(const char *key, size_t len, void *arg), void *arg);
 /* opts.c: pure parsers of command-line durations and lock names. */
 int cfs_parse_ms(const char *s);
 int cfs_lock_name_ok(const char *name);
@@ -205,7 +212,7 @@ struct cfs_file {
   int creating;   /* holds a cfs_node.creating reference (config) */
   int wrote;      /* write() or ftruncate() since the last commit */
   int64_t base_rev;
-  pid_t opener; /* process that opened it for writing (config), 0: unknown */
+  pid_t opener; /* process that opened it for writing (config, service), 0: unknown */
   /* snapshot for reads (status, directory listings) */
   char *snap;
   size_t snap_len;
@@ -287,6 +294,9 @@ int services_write(struct cfs_file *f, const char *buf, size_t size, off_t off);
 int services_flush(struct cfs_file *f);
 void services_release(struct cfs_file *f);
 void services_shutdown(void); /* before coord_close: waits for re-registrations */
+/* The watch saw key ("name/id") deleted at rev: if a file of this mount
+ * keeps it registered, it is put back (from a thread; never blocks). */
+void services_deleted(const char *key, size_t len, int64_t rev);
 int services_unlink(const char *rel);
 int services_xattr(const char *rel, const char *name, char *buf, size_t size);
 
@@ -314,6 +324,11 @@ pid_t procfd_tgid(pid_t tid);
 /* ---------------------------------------------------------------- status.c */
 
 int status_snapshot(char **out, size_t *len);
+/* Logs a key of the tree under prefix ("/config/") that cannot be shown
+ * (once, when it appears: events.c on cache newbad).  No lock held. */
+void status_log_skipped(const char *prefix, const char *key, size_t len);
+/* After the initial loads: logs every key that cannot be shown. */
+void status_log_skipped_all(void);
 
 /* ---------------------------------------------------------------- notifier.c */
 
