@@ -373,27 +373,30 @@ static int reregister_round(uint64_t id) {
 }
 
 /* The rounds of one re-registration: until one succeeds with no other
- * asked for, the file is released, 100 have failed or services_shutdown
- * begins. */
+ * asked for, the file is released, 100 pauses have passed (one after each
+ * failure) or services_shutdown begins. */
 static void reregister_rounds(uint64_t id) {
-  int failures = 0, quick = 0;
+  int pauses = 0, quick = 0;
   for (;;) {
     int rc = reregister_round(id);
     if (rc == 0)
       return;
-    if (rc > 0 && ++quick % 16) /* a round asked for at once (but not for ever without a pause) */
+    if (rc > 0 && ++quick % 16) /* another round at once (not for ever without a pause) */
       continue;
-    CFS_COUNT(errors);
-    if (++failures >= 100 || rereg_pause())
+    if (rc < 0)
+      CFS_COUNT(errors);
+    if (++pauses >= 100 || rereg_pause())
       break;
   }
   pthread_mutex_lock(&reg_lock);
   struct reg *r = reg_find(id);
   if (r)
     r->rereg = 0;
+  char *key = r && pauses >= 100 ? strdup(r->key) : NULL;
   pthread_mutex_unlock(&reg_lock);
-  if (failures >= 100)
-    cfs_log(LOG_ERR, "gave up registering a /services instance again after %d failures", failures);
+  if (key)
+    cfs_log(LOG_ERR, "/services/%s: gave up registering it again after %d attempts", key, pauses);
+  free(key);
 }
 
 /* Re-registration after a lost lease or a deleted key, on a thread of its
