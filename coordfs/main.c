@@ -421,8 +421,10 @@ int main(int argc, char **argv) {
     fprintf(stderr, "coordfs: coordfs --help lists the options\n"); /* after libfuse's reason */
     return 2;
   }
-  if (check_fuse_opts())
+  if (check_fuse_opts()) {
+    fuse_opt_free_args(&args);
     return 2;
+  }
   cfs_log_init(g.o.foreground, g.o.debug); /* stderr with -f/-d, else syslog */
   if (!raw.first_nonopt) {
     fprintf(stderr, "coordfs: no mount point given\n");
@@ -493,6 +495,7 @@ int main(int argc, char **argv) {
         stderr,
         "coordfs: mount point %s: a coordfs is already mounted there (unmount it first: fusermount3 -u %s)\n",
         real, real);
+    fuse_opt_free_args(&args);
     return 1;
   }
   g.o.mountpoint = strdup(real);
