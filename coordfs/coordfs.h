@@ -27,6 +27,9 @@
  *     mount.  Its requests are recognised by fuse_req_ctx(req)->pid ==
  *     g.notifier_tid and answered from the local view without etcd.
  *   - libcoord's own event thread runs lease-lost callbacks (services.c).
+ *   - re-registration threads (services.c), started by a lost lease or by
+ *     the watch thread's DELETE of an instance still registered here, put
+ *     the instance back; services_shutdown waits for them.
  *
  * Locks (always taken in this order, never held across an etcd call, a
  * fuse_reply_* that may block, a kernel notification or a self-operation):
@@ -52,6 +55,11 @@
  *     once; with etcd unreachable the cache answers after 0.5 s;
  *   - every name below /services looks up as a directory, so that
  *     `exec 3>/services/new/id` registers without a mkdir;
+ *   - rm of a /services instance that an open file of this mount keeps
+ *     registered fails with EBUSY; if anyone else deletes it, it is put
+ *     back (under the same lease while that lives);
+ *   - an unknown option, or a mount point that already has a coordfs on
+ *     it, is refused before daemonizing (main.c);
  *   - on a read-only mount the notifier only invalidates (no self-ops);
  *   - flock/POSIX locks outside /locks stay with the kernel unless locks.c
  *     asks for FUSE_CAP_FLOCK_LOCKS/POSIX_LOCKS, then they are accepted.

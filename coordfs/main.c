@@ -3,8 +3,10 @@
  * and shut-down.
  *
  * Start-up order matters:
- *   1. parse options, read the password (file or $COORD_PASSWORD; never argv),
- *      check the mount point;
+ *   1. parse options (one that neither coordfs nor libfuse knows is named
+ *      and refused with exit 2: check_fuse_opts), read the password (file
+ *      or $COORD_PASSWORD; never argv), check the mount point (refused if
+ *      a coordfs is mounted exactly there already: coordfs_mounted_on);
  *   2. unless -f/-d: fork.  The parent waits on a pipe for the child's
  *      verdict and exits with it, so `coordfs` returns non-zero with the
  *      child's message when etcd cannot be reached or the mount fails.
