@@ -9,6 +9,12 @@
  * late event older than what this mount already applied (its own write,
  * applied from the Put's answer) is recognised and ignored.
  *
+ * A key that cannot be a file name (cfs_key_problem says why) is kept too,
+ * marked bad: left out of the tree, counted in nbad, listed by
+ * cache_skipped for /status.  cache_apply raises newbad when a key becomes
+ * such a key, so that its caller can log it once (cache.c logs nothing: it
+ * stays pure, for tests/fuzz/fuzz_coordfs_cache.c).
+ *
  * Locking: every function here is called with g.lock held.
  */
 #include "coordfs.h"
@@ -74,24 +80,32 @@ struct cfs_node *cache_node(struct cfs_cache *c, const char *path) {
   return n;
 }
 
-int cfs_key_ok(const char *key, size_t len) {
-  if (len == 0 || strlen(key) != len)
-    return 0;
+const char *cfs_key_problem(const char *key, size_t len) {
+  if (len == 0)
+    return "empty name";
+  if (memchr(key, 0, len))
+    return "contains a NUL byte";
   const char *p = key, *end = key + len;
   while (p <= end) {
     const char *s = memchr(p, '/', (size_t)(end - p));
     size_t part = s ? (size_t)(s - p) : (size_t)(end - p);
-    if (part == 0 || part > 255)
-      return 0;
+    if (part == 0)
+      return "empty path component (a leading, trailing or double '/')";
+    if (part > 255)
+      return "path component longer than 255 bytes";
     if ((part == 1 && p[0] == '.') || (part == 2 && p[0] == '.' && p[1] == '.'))
-      return 0;
+      return "path component '.' or '..'";
     if (part == 6 && !memcmp(p, ".value", 6))
-      return 0;
+      return "path component '.value' (reserved for a directory's own value)";
     if (!s)
       break;
     p = s + 1;
   }
-  return 1;
+  return NULL;
+}
+
+int cfs_key_ok(const char *key, size_t len) {
+  return !cfs_key_problem(key, len);
 }
 
 /* Adds d to the descendant count of every ancestor directory of path.  A
@@ -186,8 +200,8 @@ int cache_apply(struct cfs_cache *c, const char *key, size_t key_len, int is_put
     version = n->present ? n->version + 1 : 1;
     create_rev = n->present ? n->create_rev : rev;
   }
-  int was = n->present && !n->bad;
-  if (n->present && n->bad)
+  int was = n->present && !n->bad, was_bad = n->present && n->bad;
+  if (was_bad)
     c->nbad--;
   n->rev = rev;
   clock_gettime(CLOCK_REALTIME, &n->mtime);
@@ -210,6 +224,8 @@ int cache_apply(struct cfs_cache *c, const char *key, size_t key_len, int is_put
     n->lease = lease;
     if (n->bad)
       c->nbad++;
+    if (n->bad && !was_bad)
+      c->newbad = 1;
   } else {
     n->present = 0;
     n->bad = 0;
@@ -301,6 +317,32 @@ void cache_prune(struct cfs_cache *c, const char *key) {
     *s = 0;
   }
   free(p);
+}
+
+static int nibble(char h) {
+  return h >= 'a' ? h - 'a' + 10 : h - '0';
+}
+
+void cache_skipped(struct cfs_cache *c, void (*fn)(const char *key, size_t len, void *arg), void *arg) {
+  for (size_t i = 0; i < c->cap; i++)
+    for (struct cfs_node *n = c->tab[i]; n; n = n->next) {
+      if (!n->present || !n->bad)
+        continue;
+      if (n->path[0] != '/') {
+        fn(n->path, strlen(n->path), arg);
+        continue;
+      }
+      /* "/" + the key in hex (node_path) */
+      size_t len = (strlen(n->path) - 1) / 2;
+      char *k = malloc(len + 1);
+      if (!k)
+        continue;
+      for (size_t j = 0; j < len; j++)
+        k[j] = (char)(nibble(n->path[1 + 2 * j]) << 4 | nibble(n->path[2 + 2 * j]));
+      k[len] = 0;
+      fn(k, len, arg);
+      free(k);
+    }
 }
 
 void cache_free(struct cfs_cache *c) {

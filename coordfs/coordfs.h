@@ -28,6 +28,9 @@
  *     mount.  Its requests are recognised by fuse_req_ctx(req)->pid ==
  *     g.notifier_tid and answered from the local view without etcd.
  *   - libcoord's own event thread runs lease-lost callbacks (services.c).
+ *   - re-registration threads (services.c), started by a lost lease or by
+ *     the watch thread's DELETE of an instance still registered here, put
+ *     the instance back; services_shutdown waits for them.
  *
  * Locks (always taken in this order, never held across an etcd call, a
  * fuse_reply_* that may block, a kernel notification or a self-operation):
@@ -59,6 +62,11 @@
  *     once; with etcd unreachable the cache answers after 0.5 s;
  *   - every name below /services looks up as a directory, so that
  *     `exec 3>/services/new/id` registers without a mkdir;
+ *   - rm of a /services instance that an open file of this mount keeps
+ *     registered fails with EBUSY; if anyone else deletes it, it is put
+ *     back (under the same lease while that lives);
+ *   - an unknown option, or a mount point that already has a coordfs on
+ *     it, is refused before daemonizing (main.c);
  *   - on a read-only mount the notifier only invalidates (no self-ops);
  *   - flock/POSIX locks outside /locks stay with the kernel unless locks.c
  *     asks for FUSE_CAP_FLOCK_LOCKS/POSIX_LOCKS, then they are accepted.
@@ -147,6 +155,8 @@ struct cfs_cache {
   struct cfs_node **tab;
   size_t cap, n;
   int nbad;         /* present keys that cannot be file names */
+  int newbad;       /* set by cache_apply when it made a key one of those
+                       (for the caller to log); only callers clear it */
   int64_t rev;      /* highest revision applied */
   int64_t notified; /* highest revision whose event the watch thread has fully
                        handled (cache, kernel invalidation, notifier jobs) */
@@ -178,6 +188,11 @@ void cache_children(struct cfs_cache *c, const char *dir,
                     void (*fn)(struct cfs_node *n, const char *name, void *arg), void *arg);
 /* 1 if key (relative to the tree) can be shown as a file path. */
 int cfs_key_ok(const char *key, size_t len);
+/* Why key cannot be shown as a file path (a constant string), or NULL. */
+const char *cfs_key_problem(const char *key, size_t len);
+/* Calls fn with each present key that cannot be a file name (its bytes
+ * as in etcd, relative to the tree; NUL-terminated, len may count NULs). */
+void cache_skipped(struct cfs_cache *c, void (*fn)(const char *key, size_t len, void *arg), void *arg);
 /* opts.c: pure parsers of command-line durations and lock names. */
 int cfs_parse_ms(const char *s);
 int cfs_lock_name_ok(const char *name);
@@ -220,7 +235,7 @@ struct cfs_file {
   int times_set;    /* utimens while open (config, under config.c's
                        wr_lock): the times to keep after the commit */
   struct timespec atime, mtime;
-  pid_t opener; /* process that opened it for writing (config), 0: unknown */
+  pid_t opener; /* process that opened it for writing (config, service), 0: unknown */
   /* config.c's list of writable /config handles (getattr sizes) */
   size_t shown_len; /* len as getattr shows it, under config.c's wr_lock */
   uint64_t wseq;    /* when it last changed size (newest wins) */
@@ -236,7 +251,7 @@ struct cfs_file {
   /* directory listing: packed dirent buffer built at opendir */
   char *dirbuf;
   size_t dirlen;
-  void *priv;                   /* locks.c */
+  void *priv;                   /* locks.c; local.c (a mount-local /config file) */
   struct cfs_file *prev, *next; /* every open file (fs.c), for shut-down */
 };
 
@@ -340,6 +355,9 @@ int services_write(struct cfs_file *f, const char *buf, size_t size, off_t off);
 int services_flush(struct cfs_file *f);
 void services_release(struct cfs_file *f);
 void services_shutdown(void); /* before coord_close: waits for re-registrations */
+/* The watch saw key ("name/id") deleted at rev: if a file of this mount
+ * keeps it registered, it is put back (from a thread; never blocks). */
+void services_deleted(const char *key, size_t len, int64_t rev);
 int services_unlink(const char *rel);
 int services_xattr(const char *rel, const char *name, char *buf, size_t size);
 
@@ -367,6 +385,11 @@ pid_t procfd_tgid(pid_t tid);
 /* ---------------------------------------------------------------- status.c */
 
 int status_snapshot(char **out, size_t *len);
+/* Logs a key of the tree under prefix ("/config/") that cannot be shown
+ * (once, when it appears: events.c on cache newbad).  No lock held. */
+void status_log_skipped(const char *prefix, const char *key, size_t len);
+/* After the initial loads: logs every key that cannot be shown. */
+void status_log_skipped_all(void);
 
 /* ---------------------------------------------------------------- notifier.c */
 

@@ -12,6 +12,10 @@
  *   3. appends the event's JSON line to every open stream of that kind that
  *      started before the event's revision, and answers waiting readers and
  *      pollers.
+ * A key that cannot be shown is logged when it appears (status.c).  The
+ * DELETE of a /services instance that this mount registered and whose file
+ * is still open is handed to services.c (services_deleted), which puts it
+ * back from a thread of its own: the watch thread never calls etcd.
  * An event whose revision the cache already holds is this mount's own write
  * (applied from the answer to its Put): it is neither invalidated nor
  * echoed to the notifier, but it is still a line in /events/.  An event
@@ -423,11 +427,15 @@ static void apply_event(int which, const coord_event_t *ev, const char *rel, siz
   int own = kn && kn->pending > 0;
   if (ok)
     look(c, rel, rel_len, &before);
+  c->newbad = 0;
   int changed = cache_apply(c, rel, rel_len, ev->type == COORD_EVENT_PUT, ev->kv.value, ev->kv.value_len,
                             ev->revision, ev->kv.create_revision, ev->kv.version, ev->kv.lease);
+  int newbad = c->newbad;
   if (ok && changed)
     look(c, rel, rel_len, &after);
   pthread_mutex_unlock(&g.lock);
+  if (newbad) /* a key that cannot be shown appeared: said once, here */
+    status_log_skipped(which == S_CONFIG ? "/config/" : "/services/", rel, rel_len);
   if (!ok || !changed || before.depth != after.depth)
     return;
   int d = after.depth;
@@ -494,6 +502,8 @@ static void handle(int k, coord_event_t *ev) {
     last_rev[k] = ev->revision;
   if (k != S_LOCKS) {
     apply_event(k, ev, rel, rel_len);
+    if (k == S_SERVICES && ev->type == COORD_EVENT_DELETE) /* hands off, never blocks */
+      services_deleted(rel, rel_len, ev->revision);
     struct cfs_cache *c = k == S_CONFIG ? &g.config : &g.services;
     char *key = strndup(rel, rel_len);
     pthread_mutex_lock(&g.lock);

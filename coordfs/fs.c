@@ -756,6 +756,8 @@ static void open_path(fuse_req_t req, const char *path, struct fuse_file_info *f
     case T_SERVICES:
       f = cfs_file_new(FK_SERVICE, path);
       rc = f ? services_open(rel, f, fi->flags, create) : -ENOMEM;
+      if (!rc && writable)
+        f->opener = procfd_tgid(fuse_req_ctx(req)->pid);
       fi->direct_io = 1;
       break;
     case T_EVENTS:

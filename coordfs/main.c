@@ -3,8 +3,10 @@
  * and shut-down.
  *
  * Start-up order matters:
- *   1. parse options, read the password (file or $COORD_PASSWORD; never argv),
- *      check the mount point;
+ *   1. parse options (one that neither coordfs nor libfuse knows is named
+ *      and refused with exit 2: check_fuse_opts), read the password (file
+ *      or $COORD_PASSWORD; never argv), check the mount point (refused if
+ *      a coordfs is mounted exactly there already: coordfs_mounted_on);
  *   2. unless -f/-d: fork.  The parent waits on a pipe for the child's
  *      verdict and exits with it, so `coordfs` returns non-zero with the
  *      child's message when etcd cannot be reached or the mount fails.
@@ -25,6 +27,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -154,6 +157,13 @@ static void usage(FILE *f) {
       "  T is a number of seconds, or a number with the suffix ms or s.\n");
 }
 
+/* Options that coordfs does not know itself and leaves to libfuse (mount
+ * options such as nosuid, fsname=, max_read=): each is checked with a
+ * trial fuse_session_new before anything else happens (check_fuse_opts). */
+#define MAX_PASSED 64
+static char *passed[MAX_PASSED];
+static int npassed;
+
 static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outargs) {
   (void)data, (void)outargs;
   switch (key) {
@@ -197,9 +207,139 @@ static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outa
       exit(2);
     }
     return 0;
-  default:
+  default: /* FUSE_OPT_KEY_OPT: "-x", "--x[=v]", or one of an -o list */
+    if (npassed < MAX_PASSED)
+      passed[npassed++] = strdup(arg);
     return 1;
   }
+}
+
+/* Long options and -o names, for the hint after an unknown option. */
+static const char *const known_names[] = {
+    "endpoints", "user",    "password-file", "cacert",      "cert",
+    "key",       "subtree", "prefix",        "lock-ttl",    "service-ttl",
+    "timeout",   "help",    "version",       "allow_other", "default_permissions",
+    "uid",       "gid",     "umask",         "debug",       "ro",
+};
+
+/* Edit distance of a[0..n) and b, if at most 2 (else 3). */
+static int near(const char *a, size_t n, const char *b) {
+  size_t m = strlen(b);
+  if (n > m + 2 || m > n + 2 || n > 64 || m > 64)
+    return 3;
+  int d[65][65];
+  for (size_t i = 0; i <= n; i++)
+    d[i][0] = (int)i;
+  for (size_t j = 0; j <= m; j++)
+    d[0][j] = (int)j;
+  for (size_t i = 1; i <= n; i++)
+    for (size_t j = 1; j <= m; j++) {
+      int v = d[i - 1][j - 1] + (a[i - 1] != b[j - 1] && !(strchr("-_", a[i - 1]) && strchr("-_", b[j - 1])));
+      if (d[i - 1][j] + 1 < v)
+        v = d[i - 1][j] + 1;
+      if (d[i][j - 1] + 1 < v)
+        v = d[i][j - 1] + 1;
+      d[i][j] = v;
+    }
+  return d[n][m] > 2 ? 3 : d[n][m];
+}
+
+/* Says that arg (as coordfs got it: "--endpoint=x", or "bogus=1" from an
+ * -o list) is unknown, with a guess at what was meant. */
+static void unknown_option(const char *arg) {
+  int dash = arg[0] == '-';
+  const char *name = arg;
+  while (*name == '-')
+    name++;
+  size_t n = strcspn(name, "=");
+  const char *best = NULL;
+  int best_d = 3;
+  for (size_t i = 0; i < sizeof(known_names) / sizeof(known_names[0]); i++) {
+    int d = near(name, n, known_names[i]);
+    if (d < best_d && d < (int)n) {
+      best_d = d;
+      best = known_names[i];
+    }
+  }
+  fprintf(stderr, "coordfs: unknown option '%s%s'", dash ? "" : "-o ", arg);
+  if (best)
+    fprintf(stderr, " (did you mean '%s%s%s'?)", dash ? "--" : "-o ", best, name + n);
+  fprintf(stderr, "\ncoordfs: coordfs --help lists the options\n");
+}
+
+static void quiet_log(enum fuse_log_level level, const char *fmt, va_list ap) {
+  (void)level, (void)fmt, (void)ap;
+}
+
+/* Every option left to libfuse must be one that libfuse knows: else it
+ * would refuse them all only after etcd was reached, in words that do not
+ * say which.  A trial session (no mount, no /dev/fuse) per option tells.
+ * 0, or 2 after saying which is unknown. */
+static int check_fuse_opts(void) {
+  int rc = 0;
+  fuse_set_log_func(quiet_log);
+  for (int i = 0; i < npassed && !rc; i++) {
+    if (!passed[i])
+      continue;
+    char *argv[] = {"coordfs", passed[i][0] == '-' ? passed[i] : "-o", passed[i], NULL};
+    struct fuse_args a = FUSE_ARGS_INIT(passed[i][0] == '-' ? 2 : 3, argv);
+    struct fuse_session *se = fuse_session_new(&a, &cfs_ops, sizeof(cfs_ops), NULL);
+    if (se)
+      fuse_session_destroy(se);
+    else
+      rc = 2;
+    fuse_opt_free_args(&a);
+    if (rc)
+      unknown_option(passed[i]);
+  }
+  fuse_set_log_func(NULL); /* libfuse's own, until cfs_log_init */
+  for (int i = 0; i < npassed; i++)
+    free(passed[i]);
+  npassed = 0;
+  return rc;
+}
+
+/* 1 if a coordfs is mounted exactly on path (/proc/self/mountinfo: file
+ * system type fuse.coordfs, or source coordfs). */
+static int coordfs_mounted_on(const char *path) {
+  FILE *f = fopen("/proc/self/mountinfo", "r");
+  if (!f)
+    return 0;
+  char *line = NULL;
+  size_t cap = 0;
+  int found = 0;
+  while (!found && getline(&line, &cap, f) > 0) {
+    /* id parent maj:min root MOUNTPOINT options [optional...] - TYPE SOURCE super */
+    char *save = NULL, *mp = NULL, *tok = strtok_r(line, " \n", &save);
+    for (int i = 0; tok && i < 4; i++) {
+      tok = strtok_r(NULL, " \n", &save);
+      if (i == 3)
+        mp = tok;
+    }
+    while (tok && strcmp(tok, "-"))
+      tok = strtok_r(NULL, " \n", &save);
+    char *type = tok ? strtok_r(NULL, " \n", &save) : NULL;
+    char *source = type ? strtok_r(NULL, " \n", &save) : NULL;
+    if (!mp || !type)
+      continue;
+    /* mountinfo escapes space, tab, newline and backslash as \ooo */
+    char *o = mp;
+    for (char *p = mp; *p; p++) {
+      if (p[0] == '\\' && p[1] >= '0' && p[1] <= '3' && p[2] >= '0' && p[2] <= '7' && p[3] >= '0' &&
+          p[3] <= '7') {
+        *o++ = (char)((p[1] - '0') << 6 | (p[2] - '0') << 3 | (p[3] - '0'));
+        p += 3;
+      } else {
+        *o++ = *p;
+      }
+    }
+    *o = 0;
+    found = !strcmp(mp, path) && (!strcmp(type, "fuse.coordfs") ||
+                                  (!strncmp(type, "fuse", 4) && source && !strcmp(source, "coordfs")));
+  }
+  free(line);
+  fclose(f);
+  return found;
 }
 
 /* "10", "10s", "500ms" -> ms; -1 if malformed. */
@@ -287,7 +427,11 @@ int main(int argc, char **argv) {
 
   if (fuse_opt_parse(&args, &g.o, opts_spec, NULL) || fuse_opt_parse(&args, &raw, raw_spec, NULL) ||
       fuse_opt_parse(&args, NULL, key_spec, opt_proc)) {
-    usage(stderr);
+    fprintf(stderr, "coordfs: coordfs --help lists the options\n"); /* after libfuse's reason */
+    return 2;
+  }
+  if (check_fuse_opts()) {
+    fuse_opt_free_args(&args);
     return 2;
   }
   cfs_log_init(g.o.foreground, g.o.debug); /* stderr with -f/-d, else syslog */
@@ -359,6 +503,14 @@ int main(int argc, char **argv) {
     fprintf(stderr, "coordfs: mount point %s: not a directory\n", raw.first_nonopt);
     return 1;
   }
+  if (coordfs_mounted_on(real)) {
+    fprintf(
+        stderr,
+        "coordfs: mount point %s: a coordfs is already mounted there (unmount it first: fusermount3 -u %s)\n",
+        real, real);
+    fuse_opt_free_args(&args);
+    return 1;
+  }
   g.o.mountpoint = strdup(real);
   fuse_opt_add_arg(&args, "-o");
   fuse_opt_add_arg(&args, "fsname=coordfs,subtype=coordfs");
@@ -409,6 +561,7 @@ int main(int argc, char **argv) {
       fail(1);
     }
   }
+  status_log_skipped_all(); /* keys the tree leaves out, once each */
   if ((rc = locks_init())) {
     fprintf(stderr, "coordfs: /locks: %s\n", coord_strerror(rc));
     fail(1);

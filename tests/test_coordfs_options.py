@@ -165,3 +165,73 @@ def test_permission_denied_is_eacces(etcd, coordfs_mount):
     assert os.listdir(os.path.join(m.path, "services")) == []
     etcd.put("/config/k", "v2")
     wait_for(lambda: open(os.path.join(m.path, "config", "k")).read() == "v2", 5, what="reader sees changes")
+
+
+# ---------------------------------------------------------------- issue 13: unknown options, a second mount
+
+@pytest.mark.parametrize("argv,named,hint", [
+    (["--endpoint=127.0.0.1:2379"], "unknown option '--endpoint=127.0.0.1:2379'",
+     "did you mean '--endpoints=127.0.0.1:2379'?"),
+    (["--bogus"], "unknown option '--bogus'", None),
+    (["-o", "bogus=1"], "unknown option '-o bogus=1'", None),
+    (["-o", "ro,bogus=1,allow_other"], "unknown option '-o bogus=1'", None),
+    (["-o", "service_tll=3"], "unknown option '-o service_tll=3'", "did you mean '-o service-ttl=3'?"),
+])
+def test_unknown_option_is_named(tmp_path, argv, named, hint):
+    """Refused at once (before etcd is asked: the endpoint here answers
+    nothing), exit 2, the option named, no usage text around it."""
+    mp = tmp_path / "m"
+    mp.mkdir()
+    for fg in (["-f"], []):
+        t0 = time.monotonic()
+        r = run(fg + ["--endpoints", "127.0.0.1:%d" % free_port(), "--timeout", "5s"] + argv + [str(mp)])
+        assert r.returncode == 2, r
+        assert "coordfs: " + named in r.stderr, r.stderr
+        if hint:
+            assert hint in r.stderr, r.stderr
+        assert "usage" not in r.stderr and "etcd" not in r.stderr, r.stderr
+        assert time.monotonic() - t0 < 3
+        assert not mounted(str(mp))
+
+
+def test_fuse_and_fstab_options_still_accepted(etcd, coordfs_mount):
+    m = coordfs_mount(etcd, "-o", "nosuid,nodev,noatime,default_permissions,umask=027,_netdev,nofail,rw",
+                      "-o", "fsname=coordfs", "-o", "uid=%d,gid=%d" % (os.getuid(), os.getgid()))
+    with open(os.path.join(m.path, "config", "k"), "w") as f:
+        f.write("v")
+    assert etcd.get("/config/k") == "v"
+    assert oct(os.stat(os.path.join(m.path, "config", "k")).st_mode & 0o777) == oct(0o640)
+    fields = [l.split() for l in open("/proc/self/mountinfo") if l.split()[4] == m.path][0]
+    assert "nosuid" in fields[5] and "nodev" in fields[5]
+
+
+def test_read_only_option_still_accepted(etcd, coordfs_mount):
+    etcd.put("/config/k", "v")
+    m = coordfs_mount(etcd, "-o", "ro,allow_other")
+    assert open(os.path.join(m.path, "config", "k")).read() == "v"
+    with pytest.raises(OSError) as e:
+        open(os.path.join(m.path, "config", "k"), "w")
+    assert e.value.errno == 30  # EROFS
+
+
+def test_second_coordfs_on_the_same_mount_point_is_refused(etcd, coordfs_mount):
+    m = coordfs_mount(etcd)
+    before = harness.mount_ids(m.path)
+    try:
+        for fg in ([], ["-f"]):  # refused before daemonizing too
+            r = run(fg + ["--endpoints", etcd.endpoints, m.path], timeout=20)
+            assert r.returncode != 0, r
+            assert "mount point %s: a coordfs is already mounted there" % m.path in r.stderr, r.stderr
+            assert harness.mount_ids(m.path) == before
+    finally:
+        # the old code stacked a second daemon on top: unmount that one, not ours
+        for _ in harness.mount_ids(m.path) - before:
+            harness.fusermount_u(m.path)
+    assert m.on_top
+    with open(os.path.join(m.path, "config", "k"), "w") as f:
+        f.write("still here")
+    assert etcd.get("/config/k") == "still here"
+    # the same through a path that is not canonical
+    r = run(["--endpoints", etcd.endpoints, m.path + "/."], timeout=20)
+    assert r.returncode != 0 and "already mounted" in r.stderr, r.stderr
+    assert harness.mount_ids(m.path) == before

@@ -187,7 +187,7 @@ def test_registered_again_after_lease_loss(etcd, coordfs_mount):
         os.write(fd, b'{"address":"10.0.0.7","port":7}')
         lease = etcd.etcdctl_json("get", "/services/chat/again")["kvs"][0]["lease"]
         etcd.etcdctl("lease", "revoke", "%x" % lease)  # as if it had expired
-        assert etcd.get("/services/chat/again") is None
+        # (the key's DELETE is put back at once: it may already be there)
 
         def back():
             r = etcd.etcdctl_json("get", "/services/chat/again").get("kvs")
@@ -225,3 +225,183 @@ def test_sigterm_while_registering_again_with_etcd_down(etcd, coordfs_mount):
     assert took < 20, "coordfs took %.1fs to end" % took
     m.unmount()
     m.check()
+
+
+# ---------------------------------------------------------------- issue 13: rm and deletes of a live registration
+
+DOC = '{"address":"10.0.0.5","port":8080}'
+
+
+class ShellOwner:
+    """A bash that registers an instance with the shell idiom (`exec 3>`,
+    `echo ... >&3`) and keeps fd 3 open until close()."""
+
+    def __init__(self, path, doc=DOC):
+        script = "exec 3>%s && echo '%s' >&3 && echo registered && read line; exec 3>&-; echo closed" % (path, doc)
+        self.p = subprocess.Popen(["bash", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        line = self.p.stdout.readline().strip()
+        assert line == "registered", (line, self.p.stderr.read() if self.p.poll() is not None else "")
+
+    def close(self):
+        if self.p.poll() is None:
+            self.p.stdin.write("done\n")
+            self.p.stdin.flush()
+            assert self.p.stdout.readline().strip() == "closed"
+        self.p.wait(10)
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(10)
+
+
+def instance(etcd, key):
+    """(value, lease) of key in etcd, or (None, None)."""
+    kvs = etcd.etcdctl_json("get", key).get("kvs")
+    if not kvs:
+        return None, None
+    import base64
+    return base64.b64decode(kvs[0]["value"]).decode(), kvs[0]["lease"]
+
+
+def test_rm_of_a_registration_held_open_on_this_mount_is_ebusy(etcd, fs):
+    p = S(fs, "api", "a1")
+    owner = ShellOwner(p)
+    try:
+        value, lease = instance(etcd, "/services/api/a1")
+        assert json.loads(value)["port"] == 8080 and lease
+        r = subprocess.run(["rm", p], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert r.returncode != 0 and "Device or resource busy" in r.stderr, r
+        r = subprocess.run(["rm", "-f", p], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert r.returncode != 0 and "Device or resource busy" in r.stderr, r
+        time.sleep(0.5)  # nothing was deleted, nothing comes back later either
+        assert instance(etcd, "/services/api/a1") == (value, lease)
+        assert "a1" in os.listdir(S(fs, "api"))
+        # the log says who holds it (the bash, by its pid)
+        assert "rm /services/api/a1: EBUSY" in fs.log() and "pid %d" % owner.p.pid in fs.log(), fs.log()[-2000:]
+    finally:
+        owner.close()
+    wait_for(lambda: etcd.get("/services/api/a1") is None, 2, what="gone after exec 3>&-")
+    # with no registration open, rm deletes as before
+    etcd.put("/services/api/a2", DOC)
+    wait_for(lambda: os.path.exists(S(fs, "api", "a2")), 5, what="a2 seen")
+    subprocess.run(["rm", S(fs, "api", "a2")], check=True)
+    assert etcd.get("/services/api/a2") is None
+
+
+def test_deleted_by_etcdctl_while_open_is_registered_again(etcd, fs):
+    owner = ShellOwner(S(fs, "api", "a1"))
+    try:
+        value, lease = instance(etcd, "/services/api/a1")
+        etcd.etcdctl("del", "/services/api/a1")
+        t0 = time.monotonic()
+        # back with the same document, under the same lease (it still lives: no lease leaks)
+        wait_for(lambda: instance(etcd, "/services/api/a1")[0] is not None, 5, interval=0.05,
+                 what="registered again")
+        assert time.monotonic() - t0 < 5
+        assert instance(etcd, "/services/api/a1") == (value, lease)
+        leases = etcd.etcdctl_json("lease", "list").get("leases") or []
+        assert [int(l["id"]) for l in leases] == [lease]
+        assert "/services/api/a1 deleted at revision" in fs.log()
+        # a second delete is put back too
+        etcd.etcdctl("del", "/services/api/a1")
+        wait_for(lambda: instance(etcd, "/services/api/a1") == (value, lease), 5, interval=0.05,
+                 what="registered again after a second delete")
+        wait_for(lambda: "a1" in os.listdir(S(fs, "api")), 5, what="listed again")
+    finally:
+        owner.close()
+    # the owner's own close deletes it for good
+    wait_for(lambda: etcd.get("/services/api/a1") is None, 2, what="gone after close")
+    time.sleep(1.5)
+    assert etcd.get("/services/api/a1") is None
+    assert not (etcd.etcdctl_json("lease", "list").get("leases") or [])
+
+
+def test_deleted_after_lease_revoked_registered_under_new_lease(etcd, fs):
+    """The key and its lease both gone (etcdctl lease revoke): the delete is
+    seen first and put back under a new lease; the dead one is not used."""
+    owner = ShellOwner(S(fs, "api", "a3"))
+    try:
+        value, lease = instance(etcd, "/services/api/a3")
+        etcd.etcdctl("lease", "revoke", "%x" % lease)
+
+        def back():
+            v, l = instance(etcd, "/services/api/a3")
+            return v == value and l and l != lease
+        wait_for(back, 10, what="registered again under a new lease")
+    finally:
+        owner.close()
+    wait_for(lambda: etcd.get("/services/api/a3") is None, 2, what="gone after close")
+    time.sleep(1)
+    assert etcd.get("/services/api/a3") is None
+
+
+def test_rm_on_another_mount_is_registered_again(etcd, coordfs_mount):
+    m1 = coordfs_mount(etcd)
+    m2 = coordfs_mount(etcd)
+    owner = ShellOwner(S(m1, "api", "a1"))
+    try:
+        value, lease = instance(etcd, "/services/api/a1")
+        wait_for(lambda: os.path.exists(S(m2, "api", "a1")), 5, what="seen on the second mount")
+        r = subprocess.run(["rm", S(m2, "api", "a1")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert r.returncode == 0, r.stderr  # that mount holds nothing: it deletes
+        wait_for(lambda: instance(etcd, "/services/api/a1") == (value, lease), 5, interval=0.05,
+                 what="registered again by its owner's mount")
+        wait_for(lambda: os.path.exists(S(m2, "api", "a1")), 5, what="back on the second mount")
+    finally:
+        owner.close()
+    wait_for(lambda: etcd.get("/services/api/a1") is None, 2, what="gone after close")
+    time.sleep(1)
+    assert etcd.get("/services/api/a1") is None
+
+
+def test_rewritten_document_is_the_one_put_back(etcd, fs):
+    fd = os.open(S(fs, "api", "w1"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, b'{"address":"10.0.0.1","port":1}')
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, b'{"address":"10.0.0.2","port":2}')
+        assert json.loads(etcd.get("/services/api/w1"))["port"] == 2
+        etcd.etcdctl("del", "/services/api/w1")
+        wait_for(lambda: etcd.get("/services/api/w1") is not None, 5, what="registered again")
+        assert json.loads(etcd.get("/services/api/w1"))["address"] == "10.0.0.2"
+    finally:
+        os.close(fd)
+    wait_for(lambda: etcd.get("/services/api/w1") is None, 2, what="gone after close")
+
+
+# ---------------------------------------------------------------- issue 13: why a document is invalid
+
+@pytest.mark.parametrize("doc,reason", [
+    ('{"address":"x","port":0}', '"port" 0 out of range 1..65535'),
+    ('{"address":"x","port":70000}', '"port" 70000 out of range 1..65535'),
+    ('{"address":"x","port":"80"}', '"port" is not an integer'),
+    ('{"port":80}', '"address" missing'),
+    ('{"address":"","port":80}', '"address" is not a non-empty string'),
+    ('not json', 'not JSON at byte'),
+    ('{"address":"x","port":1} trailing', 'not JSON at byte'),
+    ('[1,2]', 'not a JSON object'),
+    ('{"address":"x","port":1,"id":"other"}', '"id" disagrees with the path: must be "i1"'),
+    ('{"address":"x","port":1,"name":"other"}', '"name" disagrees with the path: must be "s"'),
+    ('{"address":"x","port":1,"metadata":[1]}', '"metadata" is not an object'),
+])
+def test_invalid_document_reason_is_logged(etcd, fs, doc, reason):
+    path = S(fs, "s", "i1")
+    r = subprocess.run(["bash", "-c", "echo '%s' > %s" % (doc, path)], stderr=subprocess.PIPE, text=True)
+    assert r.returncode != 0 and "Invalid argument" in r.stderr
+    assert etcd.get("/services/s/i1") is None
+    lines = [l for l in fs.log().splitlines() if "/services/s/i1: invalid instance document" in l]
+    assert len(lines) == 1, lines  # once per failed write
+    assert reason in lines[0] and "warning" in lines[0], lines[0]
+
+
+def test_incomplete_document_reason_is_logged_at_close(etcd, fs):
+    fd = os.open(S(fs, "s", "i2"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.write(fd, b'{"address":"x",')
+    with pytest.raises(OSError) as e:
+        os.close(fd)
+    assert e.value.errno == errno.EINVAL
+    lines = [l for l in fs.log().splitlines() if "/services/s/i2: invalid instance document" in l]
+    assert len(lines) == 1 and "incomplete JSON at close" in lines[0], lines

@@ -9,10 +9,11 @@ exit ("still reachable"); that is not a leak and is not counted.
 
 import os
 import shutil
+import time
 
 import pytest
 
-from harness import build_path, run_prog
+from harness import build_path, run_prog, wait_for
 
 pytestmark = pytest.mark.skipif(os.environ.get("COORD_VALGRIND") != "1" or not shutil.which("valgrind"),
                                 reason="valgrind run: make test-valgrind")
@@ -114,6 +115,20 @@ def test_memcheck_coordfs(etcd, coordfs_mount):
     for i in range(5):
         etcd.put("/config/app%d" % i, "e%d" % i)  # watch events, page invalidation
     subprocess.run(["bash", "-c", COORDFS_SCRIPT, "-", m.path], check=True, timeout=300)
+    # a registration deleted behind its back (put back by a thread of its
+    # own), rm of it refused, and a key that cannot be shown (/status)
+    etcd.put("/config/a//b", "skipped")
+    fd = os.open(m.join("services", "web", "i2"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, b'{"address":"127.0.0.1","port":8081}')
+        etcd.etcdctl("del", "/services/web/i2")
+        wait_for(lambda: etcd.get("/services/web/i2") is not None, 60, what="registered again")
+        assert subprocess.run(["rm", m.join("services", "web", "i2")], stderr=subprocess.DEVNULL).returncode != 0
+    finally:
+        os.close(fd)
+    wait_for(lambda: "/config/a//b" in open(m.join("status")).read(), 30, what="skipped key listed")
+    etcd.etcdctl("del", "--prefix", "/config/a")
+    time.sleep(0.5)
     etcd.etcdctl("del", "--prefix", "/config/app")
     code = m.unmount(timeout=120)
     assert code != 99, "valgrind found errors:\n" + m.log()[-8000:]

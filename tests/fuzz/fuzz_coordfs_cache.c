@@ -20,7 +20,9 @@
  *     each directory above it is a directory whose ndesc is the number of
  *     present good keys strictly below it;
  *   - a deleted good key is not a file;
- *   - nbad is the number of present keys that cannot be file names;
+ *   - nbad is the number of present keys that cannot be file names, and
+ *     cache_skipped lists exactly those keys, byte for byte; newbad is
+ *     raised exactly when a put makes a key one of them;
  *   - listing names are non-empty and have no '/';
  *   - every node's nlocal is the number of mount-local directories
  *     strictly below it, and such a directory is a directory.
@@ -78,6 +80,26 @@ static void check_local(struct cfs_cache *c) {
     }
 }
 
+/* cache_skipped lists exactly the present keys that cannot be names, each
+ * with its bytes as given (NULs included). */
+struct skipped_check {
+  struct mkey *model;
+  size_t nm, n;
+};
+
+static void check_skipped(const char *key, size_t len, void *arg) {
+  struct skipped_check *sc = arg;
+  sc->n++;
+  assert(key[len] == 0 && !cfs_key_ok(key, len) && cfs_key_problem(key, len));
+  if (sc->nm >= MAXK)
+    return;
+  size_t j;
+  for (j = 0; j < sc->nm; j++)
+    if (sc->model[j].klen == len && !memcmp(sc->model[j].k, key, len))
+      break;
+  assert(j < sc->nm && sc->model[j].present);
+}
+
 static void check_name(struct cfs_node *n, const char *name, void *arg) {
   (void)n;
   (void)arg;
@@ -120,15 +142,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         cache_set_localdir(&c, d, !d->localdir);
       *slash = '/';
     }
-    int changed = cache_apply(&c, key, klen, is_put, val, vlen, rev, is_put ? rev : 0, is_put ? 1 : 0, 0);
-    assert(changed == 1); /* a newer revision always applies */
-    c.notified = rev;
-
-    /* model */
+    /* model: the key's entry, and whether it was a present bad key */
     size_t j;
     for (j = 0; j < nm; j++)
       if (model[j].klen == klen && !memcmp(model[j].k, key, klen))
         break;
+    int was_bad = j < nm && model[j].present && !ok;
+
+    c.newbad = 0;
+    int changed = cache_apply(&c, key, klen, is_put, val, vlen, rev, is_put ? rev : 0, is_put ? 1 : 0, 0);
+    assert(changed == 1); /* a newer revision always applies */
+    c.notified = rev;
+    if (j < nm || nm < MAXK) /* newbad: exactly when a key became a present bad one */
+      assert(c.newbad == (is_put && !ok && !was_bad));
     if (j == nm && nm < MAXK) {
       memcpy(model[nm].k, key, klen);
       model[nm].klen = klen;
@@ -183,6 +209,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     if (nm < MAXK) /* the model tracks every key */
       assert(c.nbad == nbad);
+    struct skipped_check sc = {model, nm, 0};
+    cache_skipped(&c, check_skipped, &sc);
+    assert(sc.n == (size_t)c.nbad);
     cache_children(&c, "", check_name, NULL);
     check_local(&c);
 
