@@ -100,6 +100,22 @@ static fuse_ino_t ino_ref(const char *path) {
   return in->ino;
 }
 
+/* A new inode for path with one lookup, never found by path (find_path,
+ * cfs_inode_known): the kernel's inode of each lookup of a /locks file
+ * (reply_entry_for).  g.lock held. */
+static fuse_ino_t ino_new(const char *path) {
+  struct inode *in = calloc(1, sizeof(*in));
+  if (!in || !(in->path = strdup(path))) {
+    free(in);
+    return 0;
+  }
+  in->ino = next_ino++;
+  in->nlookup = 1;
+  in->next_i = by_ino[in->ino % NBUCKETS];
+  by_ino[in->ino % NBUCKETS] = in;
+  return in->ino;
+}
+
 static void ino_forget(fuse_ino_t ino, uint64_t n) {
   pthread_mutex_lock(&g.lock);
   struct inode *in = find_ino(ino);
@@ -317,15 +333,20 @@ static int self_stat(const char *path, struct stat *st) {
 
 static int reply_entry_for(fuse_req_t req, const char *path, struct stat *st, struct fuse_entry_param *e) {
   memset(e, 0, sizeof(*e));
+  /* A /locks file gets a new inode at every lookup (entry timeout 0), so
+   * that each open of it has its own: a write that waits for the lock holds
+   * its inode's i_rwsem, which must not stall other opens (locks.c). */
+  const char *rel;
+  int lockfile = split(path, &rel) == T_LOCKS && *rel;
   pthread_mutex_lock(&g.lock);
-  e->ino = ino_ref(path);
+  e->ino = lockfile ? ino_new(path) : ino_ref(path);
   pthread_mutex_unlock(&g.lock);
   if (!e->ino)
     return -ENOMEM;
   st->st_ino = e->ino;
   e->attr = *st;
   e->attr_timeout = ATTR_TIMEOUT;
-  e->entry_timeout = ENTRY_TIMEOUT;
+  e->entry_timeout = lockfile ? 0 : ENTRY_TIMEOUT;
   return 0;
 }
 
@@ -844,7 +865,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     pthread_mutex_unlock(&f->lock);
     break;
   case FK_LOCK:
-    locks_write(req, f, buf, size, off);
+    locks_write(req, f, buf, size, off, fi->flags & O_NONBLOCK);
     return;
   default:
     rc = -EBADF;
