@@ -30,7 +30,9 @@
  *         LOCK_EX and LOCK_SH both take it (one exclusive lock per name),
  *         LOCK_NB is try_acquire (EWOULDBLOCK), LOCK_UN releases it
  *         whichever way it was taken (and withdraws a request of the same
- *         open file that waits, answering it EINTR).  A blocking LOCK_EX is
+ *         open file that waits: a write gets EINTR, a flock ENOLCK, since
+ *         the kernel turns a flock's EINTR into ERESTARTSYS, which reaches
+ *         a caller with no signal pending as errno 512).  A blocking LOCK_EX is
  *         kept pending like a write.  A file that holds: LOCK_EX is a no-op.
  *     A second blocking request of an open file while one waits: EDEADLK
  *     (EAGAIN / EWOULDBLOCK with O_NONBLOCK / LOCK_NB).
@@ -1351,7 +1353,11 @@ void locks_flock(fuse_req_t req, struct cfs_file *f, int op) {
     else
       h = detach_unpinned_locked(l); /* flock -u: the key is gone when it returns */
     pthread_mutex_unlock(&L.mu);
-    answer(pr, EINTR);
+    /* not EINTR for a flock: the kernel turns a flock's EINTR into
+     * ERESTARTSYS, which reaches the caller as errno 512 when no signal is
+     * pending */
+    if (pr)
+      answer(pr, pr->kind == R_FLOCK ? ENOLCK : EINTR);
     if (h)
       end_handle(l, h);
     fuse_reply_err(req, 0);

@@ -17,6 +17,7 @@ write/read/poll/close), kill -9 of coordfs (lock freed after --lock-ttl),
 """
 
 import base64
+import ctypes
 import errno
 import fcntl
 import json
@@ -475,6 +476,54 @@ def test_interrupted_writer_gets_eintr_and_leaves_no_key(etcd, coordfs_mount):
     end_process(h, signal.SIGKILL)
     wait_keys(etcd, 0)
     assert run(["flock", "-n", path, "true"]).returncode == 0
+
+
+def test_requests_of_one_open_file(etcd, coordfs_mount):
+    """While a flock of an open file waits for the lock, a write on it fails
+    with EDEADLK (EAGAIN with O_NONBLOCK) and flock -n with EWOULDBLOCK;
+    flock -u withdraws the waiting flock (ENOLCK, no key left), and a
+    waiting write the same way (EINTR).  A note too large for etcd fails
+    with EFBIG before anything is queued.  (libc's calls through ctypes:
+    Python would retry EINTR by itself.)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    m = coordfs_mount(etcd)
+    path = m.join("locks", "one")
+    h = hold(path)
+    expect_held(h)
+    held = keys(etcd)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"x", 2 << 20)
+        assert e.value.errno == errno.EFBIG
+        assert keys(etcd) == held
+        for flocking, call in ((True, lambda: libc.flock(fd, fcntl.LOCK_EX)),
+                               (False, lambda: libc.write(fd, b"note", 4))):
+            res = []
+            t = threading.Thread(target=lambda: res.append((call(), ctypes.get_errno())))
+            t.start()
+            wait_keys(etcd, 2)
+            with pytest.raises(OSError) as e:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            assert e.value.errno == errno.EWOULDBLOCK
+            if flocking:  # (a waiting write holds the inode's lock: a second write would wait for it)
+                with pytest.raises(OSError) as e:
+                    os.write(fd, b"x")
+                assert e.value.errno == errno.EDEADLK
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+                with pytest.raises(OSError) as e:
+                    os.write(fd, b"x")
+                assert e.value.errno == errno.EAGAIN
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            t.join(5 * SLOW)
+            assert res == [(-1, errno.ENOLCK if flocking else errno.EINTR)]
+            wait_keys(etcd, 1, timeout=2)
+            assert keys(etcd) == held
+    finally:
+        os.close(fd)
+    end_process(h, signal.SIGKILL)
+    wait_keys(etcd, 0)
 
 
 # ------------------------------------------------------------------ etcd slow or paused
