@@ -45,7 +45,9 @@
  *     the Delete is done (then the event thread ends it); until then a try
  *     of that name on this mount waits for it as for a release
  *     (wait_own_release_locked), so a try does not see the dead entry.
- *     If the lock was granted at that same moment, it is released again.
+ *     If the lock was granted at that same moment, it is released again:
+ *     the note thread unlocks it (an R_END job, waiting for the Delete),
+ *     and tries wait for that too (lkf->ending).
  *   - A waiting acquire that fails for a reason that passes (COORD_ETIMEDOUT,
  *     COORD_EUNAVAILABLE, COORD_EIO: etcd slow or cut off; COORD_ELOST: the
  *     waiter's lease or key went, its place in the queue with it) does not
@@ -89,11 +91,12 @@
  *       the kernel will send no release);
  *     - 1 per libcoord handle it started, until coord_lock_unlock on that
  *       handle has returned;
- *     - 1 per pin (below), and 1 per note job queued for the note thread.
+ *     - 1 per pin (below), and 1 per job queued for the note thread.
  *   Every handle started here is, at any moment, in exactly one place:
  *     - lkf->h, the current one (state WAIT: acquiring; HELD; LOST);
  *     - lkf->cancelling: withdrawn while acquiring; its acquire callback
- *       ends it (room is reserved when the acquire starts, so withdrawing
+ *       ends it, or hands it to the note thread as an R_END job if it was
+ *       granted (room is reserved when the acquire starts, so withdrawing
  *       never allocates);
  *     - lkf->deferred: detached while pinned; the last unpinner ends it;
  *     - owned by the thread that detached it and is ending it (end_handle).
@@ -106,7 +109,8 @@
  *   withdrawal (interrupt, LOCK_UN, shut-down), or a failed start.  A
  *   claimed request may be handed on as a job: L.answers (the timer thread
  *   answers it with preq->err) or L.notes (the note thread puts the note of
- *   a granted write and answers it).
+ *   a granted write and answers it).  L.notes also carries R_END jobs,
+ *   which hold a handle, not a request.
  *   Interrupts find their request by a unique id (preq->id, passed as the
  *   interrupt data), never by pointer: an interrupt callback of libfuse can
  *   run just after the request was answered and freed.
@@ -150,7 +154,8 @@
  *     - the timer thread (timer_main) answers L.answers and starts the
  *       retries that are due.  It never waits for etcd.
  *     - the note thread (note_main) puts the note of each granted write
- *       (a guarded Put, up to the call timeout) and answers the write.
+ *       (a guarded Put, up to the call timeout) and answers the write, and
+ *       unlocks the handles of R_END jobs (a Delete, waited for).
  *     - main's thread runs locks_shutdown after the session loop ended and
  *       BEFORE cfs_files_shutdown: it stops and joins the two helper
  *       threads, claims every waiting request and queued job (freed with
@@ -185,7 +190,11 @@ enum lst {
   L_LOST, /* was held, lease or key gone: EIO until LOCK_UN / release */
 };
 
-enum rkind { R_FLOCK, R_WRITE };
+enum rkind {
+  R_FLOCK,
+  R_WRITE,
+  R_END, /* not a request: a job for the note thread, ending preq->h */
+};
 
 /* A request kept pending until the lock is granted, and then, once claimed,
  * maybe a job for a helper thread. */
@@ -197,7 +206,8 @@ struct preq {
   char *buf; /* R_WRITE: the bytes written, at off */
   size_t size;
   off_t off;
-  struct lkf *l; /* on L.notes: the file (holds a reference) */
+  struct lkf *l;   /* on L.notes: the file (holds a reference) */
+  coord_lock_t *h; /* R_END: a withdrawn handle granted as it was withdrawn */
   struct preq *next;
 };
 
@@ -218,6 +228,7 @@ struct lkf {
   coord_lock_t **cancelling; /* withdrawn acquires: their callback ends them */
   size_t ncancelling, capcancelling;
   int releasing; /* locks_release is deleting this file's key (L.rel_cv) */
+  int ending;    /* R_END jobs of this file: keys the note thread deletes */
   int flushed;   /* closed (FLUSH) while held: its release may be coming */
   /* handles used outside L.mu */
   int pins;
@@ -515,12 +526,30 @@ static void acquired(coord_lock_t *lock, int status, struct lkf *l) {
   for (size_t i = 0; i < l->ncancelling; i++) {
     if (l->cancelling[i] != lock)
       continue;
-    /* withdrawn (its request was answered): the queue key is deleted now,
-     * or, if granted at the same moment, the unlock below deletes it */
+    /* withdrawn (its request was answered): the queue key is deleted now
+     * (libcoord tells after the Delete) */
     l->cancelling[i] = l->cancelling[--l->ncancelling];
+    free(key);
+    struct preq *job = status == 0 && !L.stop ? calloc(1, sizeof(*job)) : NULL;
+    if (job) {
+      /* ... unless it was granted at that same moment: its key is the
+       * holder's now, and an unlock from here would delete it after we
+       * return.  The note thread unlocks it, waiting for the Delete, and
+       * tries of the name wait for that (l->ending) */
+      job->kind = R_END;
+      job->h = lock;
+      job->l = l;
+      l->refs++; /* the job's */
+      l->ending++;
+      *L.notes_t = job;
+      L.notes_t = &job->next;
+      pthread_cond_signal(&L.note_cv);
+      pthread_mutex_unlock(&L.mu);
+      cfs_debug("lock %s: granted as its waiter was withdrawn: released again", l->name); /* the job's ref */
+      return;
+    }
     pthread_cond_broadcast(&L.rel_cv); /* a try may wait for this name */
     pthread_mutex_unlock(&L.mu);
-    free(key);
     end_handle(l, lock); /* event thread: does not wait */
     return;
   }
@@ -720,7 +749,7 @@ static enum hold own_holder_locked(const char *name) {
   enum hold w = H_NONE;
   for (struct lkf *x = L.all; x; x = x->next)
     if (!strcmp(x->name, name)) {
-      if (x->releasing || x->ncancelling)
+      if (x->releasing || x->ncancelling || x->ending)
         return H_RELEASING;
       if (x->flushed && x->st == L_HELD)
         w = H_FLUSHED;
@@ -878,7 +907,23 @@ static void *timer_main(void *arg) {
   return NULL;
 }
 
-/* Puts the note of each granted write and answers the write. */
+/* Not under L.mu: an R_END job: unlock its handle (waits for the Delete),
+ * then let the tries of its name go on. */
+static void end_job(struct preq *job) {
+  struct lkf *l = job->l;
+  end_handle(l, job->h);
+  pthread_mutex_lock(&L.mu);
+  l->ending--;
+  pthread_cond_broadcast(&L.rel_cv);
+  int dead = unref_locked(l); /* the job's */
+  pthread_mutex_unlock(&L.mu);
+  if (dead)
+    lkf_free(l);
+  preq_free(job);
+}
+
+/* Puts the note of each granted write and answers the write; ends the
+ * handles of R_END jobs. */
 static void *note_main(void *arg) {
   (void)arg;
   pthread_mutex_lock(&L.mu);
@@ -892,6 +937,11 @@ static void *note_main(void *arg) {
     if (!L.notes)
       L.notes_t = &L.notes;
     pthread_mutex_unlock(&L.mu);
+    if (pr->kind == R_END) {
+      end_job(pr);
+      pthread_mutex_lock(&L.mu);
+      continue;
+    }
     int rc = put_note(pr->l, pr->buf, pr->size, pr->off);
     if (rc)
       fuse_reply_err(pr->req, -rc);
@@ -983,6 +1033,10 @@ void locks_shutdown(void) {
   }
   for (struct preq *p = notes, *nx; p; p = nx) {
     nx = p->next;
+    if (p->kind == R_END) {
+      end_job(p);
+      continue;
+    }
     fuse_reply_none(p->req);
     unref(p->l);
     preq_free(p);

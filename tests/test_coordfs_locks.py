@@ -535,9 +535,11 @@ def test_flock_w_keeps_waiting_across_an_etcd_pause(etcd, coordfs_mount):
     holder holds: `flock -w 20` started meanwhile sees its etcd calls time
     out, but keeps waiting (it used to fail at the first timeout); after
     etcd resumes and the holder leaves, it gets the lock.  The same for a
-    write waiting for the lock.  (A queueing Txn that timed out may still be
-    applied when etcd resumes: that dead entry delays the queue until its
-    lease, no longer renewed, expires: up to --lock-ttl, 10 s here.)"""
+    write waiting for the lock; and a `flock -w 2` that runs out meanwhile
+    (between its retries) gives up on time.  (A queueing Txn that timed out
+    may still be applied when etcd resumes: that dead entry delays the
+    queue until its lease, no longer renewed, expires: up to --lock-ttl,
+    10 s here.)"""
     m = coordfs_mount(etcd, "--timeout=1s")
     path = m.join("locks", "slow")
     h = hold(path)
@@ -549,7 +551,10 @@ def test_flock_w_keeps_waiting_across_an_etcd_pause(etcd, coordfs_mount):
                   text=True)
         ww = bash('exec 9>"$L"; echo OPENED; echo writer >&9 || exit 1; echo HELD; cat "$L"', path)
         assert ww.lines.get(timeout=2 * SLOW) == "OPENED"
-        time.sleep(3.5)  # > 3 call timeouts
+        short = popen(["flock", "-w", "2", path, "true"])
+        assert short.wait(5 * SLOW) == 1
+        assert 1.9 < time.monotonic() - t < 2.0 + 1.0 * SLOW
+        time.sleep(max(0.0, 3.5 - (time.monotonic() - t)))  # > 3 call timeouts
         assert w.poll() is None, w.communicate()
         assert ww.poll() is None
     finally:
