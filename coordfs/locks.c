@@ -544,8 +544,8 @@ static void acquired(coord_lock_t *lock, int status, struct lkf *l) {
       *L.notes_t = job;
       L.notes_t = &job->next;
       pthread_cond_signal(&L.note_cv);
-      pthread_mutex_unlock(&L.mu);
-      cfs_debug("lock %s: granted as its waiter was withdrawn: released again", l->name); /* the job's ref */
+      cfs_debug("lock %s: granted as its waiter was withdrawn: released again", l->name);
+      pthread_mutex_unlock(&L.mu); /* l may be gone from here on */
       return;
     }
     pthread_cond_broadcast(&L.rel_cv); /* a try may wait for this name */
@@ -736,8 +736,9 @@ static int start_acquire(fuse_req_t req, struct lkf *l, enum rkind kind, const c
  * RELEASE; an interrupted waiter is answered before its queue key is
  * deleted.  So a try on a name waits, under L.mu:
  *   - while a file of this mount is releasing it (locks_release deleting
- *     the key) or withdrawing a waiter of it (l->cancelling not empty), at
- *     most a little longer than that Delete may take;
+ *     the key) or withdrawing a waiter of it (l->cancelling not empty, or
+ *     an R_END job: l->ending), at most a little longer than that Delete
+ *     may take;
  *   - while a holder of this mount has been flushed (a close) but not
  *     released, at most FLUSH_GRACE_MS: if no release follows, another
  *     descriptor keeps the lock held and the try fails as it should. */

@@ -912,7 +912,7 @@ def test_lost_lock_is_logged_and_its_descriptor_fails(etcd, coordfs_mount):
         wait_for(lambda: what in a.log(), 10 * SLOW, 0.05, "the loss in coordfs's log")
         lines = [ln for ln in a.log().splitlines() if what in ln]
         assert len(lines) == 1, lines
-        assert "lock lost " in lines[0] and key in lines[0] and "token %d" % token in lines[0], lines[0]
+        assert "lock lost (key %s, token %d) lost: " % (key, token) in lines[0], lines[0]
         assert "read/write/poll now fail with EIO" in lines[0]
         for op in (lambda: os.write(fd, b"more"), lambda: os.pread(fd, 100, 0)):
             with pytest.raises(OSError) as e:
