@@ -4,8 +4,9 @@
  * Inodes are identified by their mount path ("config/app/db", "status";
  * "" is the root).  An inode number is handed out the first time the kernel
  * looks a path up and lives until the kernel forgets it; numbers are never
- * reused.  A rename moves the path of the inode (and of the inodes below a
- * renamed directory).
+ * reused.  A /locks file is the exception: every lookup of it gets a new
+ * inode (ino_new; see reply_entry_for and locks.c).  A rename moves the
+ * path of the inode (and of the inodes below a renamed directory).
  *
  * Each op resolves its inode to a path, picks the tree from the first path
  * component and answers from that tree's module.  Requests made by the
