@@ -27,10 +27,14 @@
  *   - the notifier thread (notifier.c) performs those self-operations on the
  *     mount.  Its requests are recognised by fuse_req_ctx(req)->pid ==
  *     g.notifier_tid and answered from the local view without etcd.
- *   - libcoord's own event thread runs lease-lost callbacks (services.c).
+ *   - libcoord's own event thread runs lease-lost callbacks (services.c) and
+ *     the lock callbacks (locks.c), which answer waiting lock requests.
  *   - re-registration threads (services.c), started by a lost lease or by
  *     the watch thread's DELETE of an instance still registered here, put
  *     the instance back; services_shutdown waits for them.
+ *   - locks.c's timer thread (answers interrupted lock requests, retries
+ *     acquires) and note thread (puts the note of a granted write); see
+ *     locks.c's header.
  *
  * Locks (always taken in this order, never held across an etcd call, a
  * fuse_reply_* that may block, a kernel notification or a self-operation):
@@ -406,21 +410,23 @@ int notifier_current(const char *path);
  *
  * fs.c handles the /locks directory itself and calls these for everything
  * below it.  rel is the path below /locks ("deploy").  Each hook that takes
- * a fuse_req_t must answer it exactly once, now or later (a pending open may
- * be answered from libcoord's event thread; register fuse_req_interrupt_func
- * to answer EINTR).  f is the cfs_file of kind FK_LOCK made by fs.c; f->priv
- * is locks.c's own.  fs.c frees f after locks_release returns.
+ * a fuse_req_t must answer it exactly once, now or later (a write or flock
+ * that waits for the lock is answered from another thread; an interrupt
+ * answers it EINTR).  f is the cfs_file of kind FK_LOCK made by fs.c;
+ * f->priv is locks.c's own.  fs.c frees f after locks_release returns.
  */
 int locks_init(void);                              /* after coord_new; 0 or COORD_E* */
 void locks_shutdown(void);                         /* before coord_close */
 void locks_conn_init(struct fuse_conn_info *conn); /* e.g. want FUSE_CAP_FLOCK_LOCKS */
 int locks_stat(const char *rel, struct stat *st);  /* st prefilled (uid, gid, times); 0 or -errno */
 int locks_list(void (*fill)(const char *name, mode_t mode, void *arg), void *arg); /* names in /locks */
-/* open (create: O_CREAT of a new name).  Answer with fuse_reply_open(req, fi)
- * (open) or cfs_reply_create(req, "locks/<rel>", fi) (create), or an error. */
+/* open (create: O_CREAT of a new name); never takes the lock.  Answer with
+ * fuse_reply_open(req, fi) (open) or cfs_reply_create(req, "locks/<rel>", fi)
+ * (create), or an error. */
 void locks_open(fuse_req_t req, const char *rel, struct cfs_file *f, struct fuse_file_info *fi, int create);
 void locks_read(fuse_req_t req, struct cfs_file *f, size_t size, off_t off);
-void locks_write(fuse_req_t req, struct cfs_file *f, const char *buf, size_t size, off_t off);
+/* nonblock: O_NONBLOCK in the write's fi->flags (the file's flags now) */
+void locks_write(fuse_req_t req, struct cfs_file *f, const char *buf, size_t size, off_t off, int nonblock);
 void locks_flush(fuse_req_t req, struct cfs_file *f);
 void locks_release(struct cfs_file *f); /* last close; no reply (fs.c replies) */
 void locks_poll(fuse_req_t req, struct cfs_file *f, struct fuse_pollhandle *ph);

@@ -4,8 +4,9 @@
  * Inodes are identified by their mount path ("config/app/db", "status";
  * "" is the root).  An inode number is handed out the first time the kernel
  * looks a path up and lives until the kernel forgets it; numbers are never
- * reused.  A rename moves the path of the inode (and of the inodes below a
- * renamed directory).
+ * reused.  A /locks file is the exception: every lookup of it gets a new
+ * inode (ino_new; see reply_entry_for and locks.c).  A rename moves the
+ * path of the inode (and of the inodes below a renamed directory).
  *
  * Each op resolves its inode to a path, picks the tree from the first path
  * component and answers from that tree's module.  Requests made by the
@@ -97,6 +98,22 @@ static fuse_ino_t ino_ref(const char *path) {
   }
   if (in != &root)
     in->nlookup++;
+  return in->ino;
+}
+
+/* A new inode for path with one lookup, never found by path (find_path,
+ * cfs_inode_known): the kernel's inode of each lookup of a /locks file
+ * (reply_entry_for).  g.lock held. */
+static fuse_ino_t ino_new(const char *path) {
+  struct inode *in = calloc(1, sizeof(*in));
+  if (!in || !(in->path = strdup(path))) {
+    free(in);
+    return 0;
+  }
+  in->ino = next_ino++;
+  in->nlookup = 1;
+  in->next_i = by_ino[in->ino % NBUCKETS];
+  by_ino[in->ino % NBUCKETS] = in;
   return in->ino;
 }
 
@@ -317,15 +334,20 @@ static int self_stat(const char *path, struct stat *st) {
 
 static int reply_entry_for(fuse_req_t req, const char *path, struct stat *st, struct fuse_entry_param *e) {
   memset(e, 0, sizeof(*e));
+  /* A /locks file gets a new inode at every lookup (entry timeout 0), so
+   * that each open of it has its own: a write that waits for the lock holds
+   * its inode's i_rwsem, which must not stall other opens (locks.c). */
+  const char *rel;
+  int lockfile = split(path, &rel) == T_LOCKS && *rel;
   pthread_mutex_lock(&g.lock);
-  e->ino = ino_ref(path);
+  e->ino = lockfile ? ino_new(path) : ino_ref(path);
   pthread_mutex_unlock(&g.lock);
   if (!e->ino)
     return -ENOMEM;
   st->st_ino = e->ino;
   e->attr = *st;
   e->attr_timeout = ATTR_TIMEOUT;
-  e->entry_timeout = ENTRY_TIMEOUT;
+  e->entry_timeout = lockfile ? 0 : ENTRY_TIMEOUT;
   return 0;
 }
 
@@ -917,7 +939,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
     pthread_mutex_unlock(&f->lock);
     break;
   case FK_LOCK:
-    locks_write(req, f, buf, size, off);
+    locks_write(req, f, buf, size, off, fi->flags & O_NONBLOCK);
     return;
   default:
     rc = -EBADF;

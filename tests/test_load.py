@@ -6,7 +6,8 @@ Each process loops for COORD_LOAD_SECONDS (10 s in `make test`, 60 s in
   read      cat of one of 50 shared config keys (/config/load/shared/kNN)
   write     a whole new value to one of its own keys (open, write, close)
   lock      a lock cycle: open /locks/loadN (N of 10, so ten processes
-            contend for each) for writing, read its JSON, close
+            contend for each), write a note (which takes the lock), read
+            its JSON, close
   register  write an instance document to /services/load/<id>, keep it
             open a moment, close (deregisters)
 
@@ -69,6 +70,7 @@ while time.time() < end:
         elif kind == "lock":
             fd = os.open(os.path.join(mnt, "locks", "load%d" % (idx % 10)), os.O_RDWR)
             try:
+                os.write(fd, b"load %d" % idx)  # writing takes the lock
                 info = json.loads(os.pread(fd, 65536, 0))
                 if not info.get("held_by_me"):
                     errors.append("lock: not held_by_me: %s" % info)

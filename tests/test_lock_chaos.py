@@ -4,7 +4,8 @@ Workers of four kinds take the same lock (/locks/chaos) in a loop, on a
 three-member etcd cluster:
 
   flock     bash loop of flock(1) on <mount A>/locks/chaos
-  open      python loop that opens <mount B>/locks/chaos for writing
+  open      python loop that opens <mount B>/locks/chaos and writes a note
+            (the write takes the lock; the lock is held until the close)
   libcoord  tests/c/chaos_locker (coord_lock_acquire)
   etcdctl   bash loop of `etcdctl lock /locks/chaos -- bash -c ...`
 
@@ -64,8 +65,14 @@ def info(fd):
     return json.loads(os.pread(fd, 65536, 0).decode())
 while True:
     try:
-        fd = os.open(lock, os.O_RDWR)  # write access takes the lock; read gives its JSON
+        fd = os.open(lock, os.O_RDWR)  # opening takes nothing; read gives the JSON
     except OSError:
+        time.sleep(0.1)
+        continue
+    try:
+        os.write(fd, b"open worker %d" % os.getpid())  # writing waits for the lock and takes it
+    except OSError:
+        os.close(fd)
         time.sleep(0.1)
         continue
     s = time.time_ns()

@@ -285,7 +285,7 @@ def test_coordfs_sigkill_and_restart_same_mountpoint(etcd, coordfs_mount):
     m = coordfs_mount(etcd, "--lock-ttl", "2s", "--service-ttl", "2s")
     with open(m.join("config", "app", "written"), "w") as f:
         f.write("through the mount")
-    holder = popen([sys.executable, "-c", HOLD, m.join("locks", "deploy")])
+    holder = popen([sys.executable, "-c", HOLD, m.join("locks", "deploy"), "deploying"])  # the write locks
     reg = popen([sys.executable, "-c", HOLD, m.join("services", "chat", "c1"),
                  '{"address":"10.0.0.5","port":8080}'])
     try:
@@ -315,6 +315,7 @@ def test_coordfs_sigkill_and_restart_same_mountpoint(etcd, coordfs_mount):
     # and the lock can be taken again through the new mount, at once
     fd = os.open(m2.join("locks", "deploy"), os.O_WRONLY | os.O_NONBLOCK)
     try:
+        os.write(fd, b"again")  # EAGAIN if still held
         assert len(etcd.get_prefix("/locks/deploy/")) == 1
     finally:
         os.close(fd)

@@ -92,6 +92,10 @@ test -n "$(cat services/web/i1)"
 exec 3>&-
 flock locks/deploy true
 flock -n locks/deploy true
+exec 9> locks/deploy
+echo memcheck >&9  # writing takes the lock
+if flock -n locks/deploy true; then exit 4; fi
+exec 9>&-
 head -c 1 status > /dev/null
 timeout 60 head -n 1 events/config > /dev/null &
 ev=$!
