@@ -32,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <fuse_opt.h>
@@ -503,13 +504,20 @@ int main(int argc, char **argv) {
     fprintf(stderr, "coordfs: mount point %s: not a directory\n", raw.first_nonopt);
     return 1;
   }
+  /* A live coordfs there: refuse (a second daemon would stack on it).  A
+   * dead one (its daemon killed: statfs gets ENOTCONN) is mounted over, as
+   * before; it can be unmounted later. */
+  struct statfs sf;
   if (coordfs_mounted_on(real)) {
-    fprintf(
-        stderr,
-        "coordfs: mount point %s: a coordfs is already mounted there (unmount it first: fusermount3 -u %s)\n",
-        real, real);
-    fuse_opt_free_args(&args);
-    return 1;
+    if (statfs(real, &sf) == 0 || errno != ENOTCONN) {
+      fprintf(stderr,
+              "coordfs: mount point %s: a coordfs is already mounted there (unmount it first: fusermount3 -u "
+              "%s)\n",
+              real, real);
+      fuse_opt_free_args(&args);
+      return 1;
+    }
+    fprintf(stderr, "coordfs: mount point %s: the coordfs mounted there is dead; mounting over it\n", real);
   }
   g.o.mountpoint = strdup(real);
   fuse_opt_add_arg(&args, "-o");
