@@ -88,6 +88,8 @@
  *     locks).  User callbacks and coord__watch_remove are NEVER called with
  *     pool->mu held: transitions collect them in a post_t that post_run()
  *     executes after the mutex is released.
+ *   - coord_lock_deadline never blocks: it reads the local lease expiry
+ *     (lease.c, ls->mu) holding pool->mu, from any thread, callbacks too.
  *   - Every completion, watch event, timer and lease-lost callback runs on
  *     the event thread and never blocks.  Blocking functions
  *     (coord_lock_acquire, _try_acquire, _ttl, _set_note, guarded writes)
@@ -1531,6 +1533,43 @@ int coord_lock_ttl(coord_lock_t *h, int64_t *remaining_ms) {
   int rc = coord_lease_ttl(h->c, lease, remaining_ms, &granted);
   if (rc == COORD_ENOTFOUND)
     return coord__err(COORD_ELOST, "%s: lease %" PRIx64 " expired", fn, (uint64_t)lease);
+  return rc;
+}
+
+int coord_lock_deadline(coord_lock_t *h, int64_t *ms_left, int64_t *ttl_ms) {
+  static const char fn[] = "coord_lock_deadline";
+  if (ms_left != NULL)
+    *ms_left = 0;
+  if (ttl_ms != NULL)
+    *ttl_ms = 0;
+  if (h == NULL || ms_left == NULL)
+    return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  /* pool->mu is held across the look-up (pool->mu before ls->mu), so that
+   * the lease cannot go back to the pool, to another handle, meanwhile. */
+  pthread_mutex_lock(&h->pool->mu);
+  int rc = 0;
+  switch (h->state) {
+  case LK_LOST:
+    rc = coord__err(COORD_ELOST, "%s: lock %s lost", fn, h->name);
+    break;
+  case LK_FAILED:
+    rc = coord__err(h->status, "%s: acquire of %s failed: %s", fn, h->name, coord_strerror(h->status));
+    break;
+  case LK_RELEASED:
+    rc = coord__err(COORD_EINVAL, "%s: lock %s released", fn, h->name);
+    break;
+  default:
+    if (!h->lease_owned) {
+      rc = coord__err(COORD_ENOTFOUND, "%s: lock %s has no lease yet", fn, h->name);
+      break;
+    }
+    rc = coord_lease_deadline(h->c, h->lease, ms_left, ttl_ms);
+    if (rc == COORD_ENOTFOUND) /* the keep-alive gave it up: lost callback on its way */
+      rc = coord__err(COORD_ELOST, "%s: lease %" PRIx64 " of lock %s expired", fn, (uint64_t)h->lease,
+                      h->name);
+    break;
+  }
+  pthread_mutex_unlock(&h->pool->mu);
   return rc;
 }
 
