@@ -166,7 +166,8 @@ typedef struct lease_class {
   int64_t ttl_s;
   int64_t free_ids[POOL_MAX];
   int nfree;
-  int refilling; /* grants in flight for this class */
+  int refilling;       /* grants in flight for this class */
+  int64_t refill_sent; /* when the oldest of them was asked for (monotonic ms) */
   struct lease_class *next;
 } lease_class_t;
 
@@ -192,9 +193,10 @@ struct coord_lock_s {
   char *key;               /* prefix + lease hex; NULL until a lease is assigned */
   struct spent_key *spent; /* keys h->key replaced, kept until lock_free */
   lease_class_t *cls;
-  int64_t lease;   /* 0 until assigned */
-  int lease_owned; /* the handle owns h->lease (not yet handed back) */
-  int64_t token;   /* create revision of key; 0 until known */
+  int64_t lease;      /* 0 until assigned */
+  int64_t grant_sent; /* when the handle's own grant was asked for (monotonic ms) */
+  int lease_owned;    /* the handle owns h->lease (not yet handed back) */
+  int64_t token;      /* create revision of key; 0 until known */
   lk_state_t state;
   int status; /* LK_FAILED: why */
   char *detail;
@@ -458,11 +460,11 @@ static void pool_put(lease_class_t *k, int64_t id) {
 }
 
 /* Local expiry of a lease just granted, until its first renewal answers:
- * the granted TTL from now, less a margin for the grant's round trip (the
- * lease started when etcd granted it, a little before this answer). */
-static int64_t grant_expiry(const Etcdserverpb__LeaseGrantResponse *r) {
-  int64_t ttl = r->ttl * 1000, margin = ttl / 8 < 250 ? ttl / 8 : 250;
-  return coord__now_ms() + ttl - margin;
+ * the granted TTL from when the grant was asked for (etcd started the lease
+ * later than that, however slow the answer; a retried grant was first asked
+ * for earlier still).  coord_lock_deadline relies on it never being late. */
+static int64_t grant_expiry(const Etcdserverpb__LeaseGrantResponse *r, int64_t sent) {
+  return sent + r->ttl * 1000;
 }
 
 static void pool_refill_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg) {
@@ -474,7 +476,7 @@ static void pool_refill_done(coord_t *c, int status, ProtobufCMessage *resp, voi
   if (status == 0) {
     Etcdserverpb__LeaseGrantResponse *r = (Etcdserverpb__LeaseGrantResponse *)resp;
     if (r->id != 0 && (r->error == NULL || r->error[0] == '\0')) {
-      if (coord__lease_keepalive_until(c, r->id, grant_expiry(r), pool_lease_lost, pool) < 0)
+      if (coord__lease_keepalive_until(c, r->id, grant_expiry(r, k->refill_sent), pool_lease_lost, pool) < 0)
         pool_revoke(pool, r->id);
       else
         pool_put(k, r->id);
@@ -490,6 +492,8 @@ static void pool_refill(lease_class_t *k) {
   while (!pool->closing && k->nfree + k->refilling < POOL_SPARE) {
     Etcdserverpb__LeaseGrantRequest req = ETCDSERVERPB__LEASE_GRANT_REQUEST__INIT;
     req.ttl = k->ttl_s;
+    if (k->refilling == 0)
+      k->refill_sent = coord__now_ms();
     k->refilling++;
     pool->ops++;
     if (coord__unary_async(pool->c, &coord__m_lease_grant, &req.base, 0, pool_refill_done, k) < 0) {
@@ -974,6 +978,7 @@ static void start_lease(coord_lock_t *h, post_t *p) {
   req.ttl = h->cls->ttl_s;
   op_begin(h);
   h->busy = 1;
+  h->grant_sent = coord__now_ms();
   int rc = coord__unary_async(h->c, &coord__m_lease_grant, &req.base, 0, grant_done, h);
   if (rc < 0) {
     h->busy = 0;
@@ -1001,8 +1006,9 @@ static void grant_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg
       id = r->id;
   }
   if (status == 0) {
-    int rc = coord__lease_keepalive_until(c, id, grant_expiry((Etcdserverpb__LeaseGrantResponse *)resp),
-                                          pool_lease_lost, h->pool);
+    int rc = coord__lease_keepalive_until(
+        c, id, grant_expiry((Etcdserverpb__LeaseGrantResponse *)resp, h->grant_sent), pool_lease_lost,
+        h->pool);
     if (rc < 0) {
       pool_revoke(h->pool, id);
       status = rc;
