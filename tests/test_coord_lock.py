@@ -505,9 +505,10 @@ def test_excludes_etcdctl_lock_both_ways(etcd, tmp_path):
 def test_auth_password_never_in_argv(etcd, tmp_path):
     """With etcd auth on: --user and --password-file (or $COORD_PASSWORD)
     work, the password is in no argv (CMD reads coord-lock's
-    /proc/PPID/cmdline); a wrong password is exit 69; --user alone is a usage
-    error."""
+    /proc/PPID/cmdline); a wrong password is exit 69, so is a user that may
+    not write /locks/ (waiting or -n); --user alone is a usage error."""
     etcd.add_user("locker", "s3cret-pw", prefix="/locks/")
+    etcd.add_user("outsider", "other-pw", prefix="/config/")
     etcd.enable_auth()
     pwfile = tmp_path / "pw"
     pwfile.write_text("s3cret-pw\n")
@@ -521,6 +522,11 @@ def test_auth_password_never_in_argv(etcd, tmp_path):
     env["COORD_PASSWORD"] = "wrong"
     r = cl(etcd, "--user", "locker", "au", "--", "true", env=env, expect_rc=69)
     assert "cannot reach etcd" in r.stderr
+    env["COORD_PASSWORD"] = "other-pw"
+    for opt in ([], ["-n"]):
+        r = cl(etcd, "--user", "outsider", *opt, "au", "--", "touch", str(tmp_path / "ran"), env=env, expect_rc=69)
+        assert "cannot take lock au" in r.stderr, r.stderr
+    assert not (tmp_path / "ran").exists()
     env.pop("COORD_PASSWORD")
     r = cl(etcd, "--user", "locker", "au", "--", "true", env=env, expect_rc=64)
     assert "--password-file" in r.stderr
@@ -567,6 +573,38 @@ def test_signals_forwarded_and_waiting_interrupted(etcd, tmp_path):
     _, err = finish_prog(w, timeout=30, expect_rc=130)
     assert "giving up" in err
     wait_keys(etcd, "sg", 1)
+    release.touch()
+    finish_prog(h, timeout=30)
+    assert not (tmp_path / "ran").exists()
+
+
+def children(pid):
+    """PIDs whose parent is pid (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def test_child_lost_while_waiting(etcd, tmp_path):
+    """The child that is to run CMD is forked before gRPC starts and waits
+    for the lock; if it dies meanwhile (killed here), coord-lock withdraws
+    from the queue and exits 71."""
+    h, release = hold(etcd, "ch", tmp_path)
+    w = start_cl(etcd, "ch", "--", "touch", str(tmp_path / "ran"))
+    wait_keys(etcd, "ch", 2)
+    kids = children(w.pid)
+    assert len(kids) == 1, kids
+    os.kill(kids[0], signal.SIGKILL)
+    _, err = finish_prog(w, timeout=30, expect_rc=71)
+    assert "died" in err, err
+    wait_keys(etcd, "ch", 1)
     release.touch()
     finish_prog(h, timeout=30)
     assert not (tmp_path / "ran").exists()
