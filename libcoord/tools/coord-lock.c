@@ -783,7 +783,7 @@ static int supervise(run_t *r) {
     struct pollfd pf[2] = {{r->sfd, POLLIN, 0}, {r->ev.lost_fd, POLLIN, 0}};
     if (poll(pf, 2, (int)wait) < 0 && errno != EINTR) {
       say("poll: %s", strerror(errno));
-      wait = SWEEP_EVERY_MS;
+      usleep(SWEEP_EVERY_MS * 1000); /* go on watching, without spinning */
     }
   }
 }
