@@ -533,6 +533,16 @@ def test_auth_password_never_in_argv(etcd, tmp_path):
     cl(etcd, "--user", "locker", "--password-file", str(tmp_path / "none"), "au", "--", "true", expect_rc=64)
 
 
+def test_tls(etcd_tls):
+    """--cacert, --cert and --key reach an etcd that requires client
+    certificates; without them coord-lock cannot reach it (69)."""
+    c = etcd_tls.certs
+    r = cl(etcd_tls, "--cacert", c.ca, "--cert", c.client_cert, "--key", c.client_key, "tls", "--",
+           *sh("echo $COORD_LOCK_TOKEN"))
+    assert int(r.stdout) > 0
+    cl(etcd_tls, "tls", "--", "true", expect_rc=69)
+
+
 def test_usage_and_startup_errors(etcd, tmp_path):
     """Usage errors are 64; CMD not found 127, not executable 126 (the lock is
     released either way); etcd unreachable 69; the help is exit 0."""
