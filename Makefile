@@ -188,7 +188,7 @@ $(FS): LDFLAGS += $(patsubst %,-Wl$(comma)--wrap=%,$(FS_WRAP))
 # make install [PREFIX=/usr/local] [DESTDIR=staging] [LIBDIR=...]: libcoord.so
 # (soname libcoord.so.$(SOVERSION), file libcoord.so.$(LIBVERSION)), libcoord.a,
 # coord.h, libcoord.pc, coordfs + the mount helper mount.fuse.coordfs, the
-# coord-register / coord-env / coord-config-watch / coord-xds tools, man pages,
+# coord-register / coord-env / coord-config-watch / coord-xds / coord-lock tools, man pages,
 # the systemd unit template (coord.mount goes with the examples in DOCDIR).
 LIBDIR ?= $(PREFIX)/lib
 INCLUDEDIR ?= $(PREFIX)/include
@@ -205,7 +205,8 @@ INSTALL_SCRIPTS := examples/coord-register examples/coord-env examples/coord-con
 
 install: $(LIB) $(LIBA) $(FS) $(TOOL_BIN)
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(INCLUDEDIR) \
-	  $(DESTDIR)$(BINDIR) $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man3 $(DESTDIR)$(MANDIR)/man8 \
+	  $(DESTDIR)$(BINDIR) $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man3 \
+	  $(DESTDIR)$(MANDIR)/man8 \
 	  $(DESTDIR)$(SYSTEMDUNITDIR) $(DESTDIR)$(DOCDIR)/examples
 	install -m 0755 $(LIB) $(DESTDIR)$(LIBDIR)/libcoord.so.$(LIBVERSION)
 	ln -sf libcoord.so.$(LIBVERSION) $(DESTDIR)$(LIBDIR)/libcoord.so.$(SOVERSION)
@@ -218,6 +219,7 @@ install: $(LIB) $(LIBA) $(FS) $(TOOL_BIN)
 	install -m 0755 $(FS) $(DESTDIR)$(SBINDIR)/coordfs
 	ln -sf $(MOUNT_FUSE) $(DESTDIR)$(SBINDIR)/mount.fuse.coordfs
 	install -m 0755 $(TOOL_BIN) $(INSTALL_SCRIPTS) $(DESTDIR)$(BINDIR)/
+	install -m 0644 docs/man/coord-lock.1 $(DESTDIR)$(MANDIR)/man1/coord-lock.1
 	install -m 0644 docs/man/libcoord.3 $(DESTDIR)$(MANDIR)/man3/libcoord.3
 	install -m 0644 docs/man/coordfs.8 $(DESTDIR)$(MANDIR)/man8/coordfs.8
 	sed -e 's|@SBINDIR@|$(SBINDIR)|g' packaging/systemd/coordfs@.service > $(DESTDIR)$(SYSTEMDUNITDIR)/coordfs@.service
@@ -229,7 +231,7 @@ uninstall:
 	  $(DESTDIR)$(LIBDIR)/libcoord.so $(DESTDIR)$(LIBDIR)/libcoord.a $(DESTDIR)$(PKGCONFIGDIR)/libcoord.pc \
 	  $(DESTDIR)$(INCLUDEDIR)/coord.h $(DESTDIR)$(SBINDIR)/coordfs $(DESTDIR)$(SBINDIR)/mount.fuse.coordfs \
 	  $(patsubst %,$(DESTDIR)$(BINDIR)/%,$(notdir $(TOOL_BIN) $(INSTALL_SCRIPTS))) \
-	  $(DESTDIR)$(MANDIR)/man3/libcoord.3 $(DESTDIR)$(MANDIR)/man8/coordfs.8 \
+	  $(DESTDIR)$(MANDIR)/man1/coord-lock.1 $(DESTDIR)$(MANDIR)/man3/libcoord.3 $(DESTDIR)$(MANDIR)/man8/coordfs.8 \
 	  $(DESTDIR)$(SYSTEMDUNITDIR)/coordfs@.service
 	rm -rf $(DESTDIR)$(DOCDIR)
 	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ]; then ldconfig; fi

@@ -22,6 +22,7 @@
 
 import glob
 import os
+import re
 import signal
 import shutil
 import subprocess
@@ -127,12 +128,12 @@ def test_layout(destdir):
                          stdout=subprocess.PIPE, text=True, check=True).stdout
     assert "Library soname: [libcoord.so.0]" in dyn
     for f in ["usr/lib/libcoord.a", "usr/include/coord.h", "usr/lib/pkgconfig/libcoord.pc",
-              "usr/share/man/man3/libcoord.3", "usr/share/man/man8/coordfs.8",
+              "usr/share/man/man1/coord-lock.1", "usr/share/man/man3/libcoord.3", "usr/share/man/man8/coordfs.8",
               "usr/lib/systemd/system/coordfs@.service", "usr/share/doc/coord/examples/coord.mount",
               "usr/share/doc/coord/examples/deploy.sh"]:
         assert os.path.isfile(os.path.join(destdir, f)), f
     for f in ["usr/sbin/coordfs", "usr/bin/coord-register", "usr/bin/coord-env",
-              "usr/bin/coord-config-watch", "usr/bin/coord-xds"]:
+              "usr/bin/coord-config-watch", "usr/bin/coord-xds", "usr/bin/coord-lock"]:
         assert os.access(os.path.join(destdir, f), os.X_OK), f
     assert os.readlink(os.path.join(destdir, "usr/sbin/mount.fuse.coordfs")) == "/sbin/mount.fuse3"
     unit = open(os.path.join(destdir, "usr/lib/systemd/system/coordfs@.service")).read()
@@ -140,7 +141,8 @@ def test_layout(destdir):
     pc = open(os.path.join(destdir, "usr/lib/pkgconfig/libcoord.pc")).read()
     assert "prefix=/usr\n" in pc and "libdir=${prefix}/lib\n" in pc and "Requires: jansson" in pc
     # the man pages render without warnings
-    for page in [] if not shutil.which("man") else ["usr/share/man/man3/libcoord.3", "usr/share/man/man8/coordfs.8"]:
+    pages = ["usr/share/man/man1/coord-lock.1", "usr/share/man/man3/libcoord.3", "usr/share/man/man8/coordfs.8"]
+    for page in [] if not shutil.which("man") else pages:
         r = subprocess.run(["man", "--warnings", "-l", os.path.join(destdir, page)], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, MANWIDTH="80"), timeout=60)
         assert r.returncode == 0 and not r.stderr.strip(), r.stderr
@@ -188,6 +190,11 @@ def test_program_against_installed_library(destdir, tmp_path, etcd):
     assert "libcoord" not in dyn
     assert "installed/three=3" in run_prog(prog3, "installed/three", "3", endpoints=etcd,
                                            env=dict(os.environ), timeout=60)
+
+    # the installed coord-lock runs a command holding a lock
+    tool = os.path.join(destdir, "usr/bin/coord-lock")
+    out = run_prog(tool, "installed", "--", "sh", "-c", "echo token=$COORD_LOCK_TOKEN", endpoints=etcd, timeout=60)
+    assert re.match(r"token=\d+$", out.strip()), out
 
 
 def test_uninstall_removes_everything(tmp_path):
@@ -354,7 +361,8 @@ def test_deb_builds_installs_and_removes(debs, tmp_path):
     fs = "\n".join(_contents(debs["coordfs"]))
     for f in ["/usr/sbin/coordfs", "/usr/sbin/mount.fuse.coordfs -> /sbin/mount.fuse3",
               "/usr/share/man/man8/coordfs.8.gz", "/lib/systemd/system/coordfs@.service",
-              "/usr/bin/coord-register", "/usr/bin/coord-env"]:
+              "/usr/bin/coord-register", "/usr/bin/coord-env", "/usr/bin/coord-lock",
+              "/usr/share/man/man1/coord-lock.1.gz"]:
         assert f in fs, f
     info = subprocess.run(["dpkg-deb", "-f", debs["coordfs"], "Depends"], stdout=subprocess.PIPE, text=True,
                           check=True).stdout

@@ -246,6 +246,23 @@ int coord_lease_ttl(coord_t *c, int64_t id, int64_t *remaining_ms, int64_t *gran
 typedef void (*coord_lease_lost_cb)(int64_t id, void *arg);
 int coord_lease_keepalive(coord_t *c, int64_t id, coord_lease_lost_cb lost, void *arg);
 int coord_lease_keepalive_stop(coord_t *c, int64_t id);
+/* Until when is a lease this client keeps alive certainly alive?  Answered
+ * locally, without a round trip: *ms_left is the time from now to the send
+ * time of the last renewal etcd answered plus the TTL of that answer (etcd
+ * renewed it later than we sent, so the lease lives at least that long
+ * unless it is revoked; the lease's clock and ours are assumed to run at
+ * the same rate).  While renewals succeed *ms_left stays above about 2/3
+ * of the TTL; when they fail (etcd cut off, or slow) it runs down, and at 0
+ * the lease is given up locally and its lost callback runs.  <= 0: etcd may
+ * already have let it go.  *ttl_ms (may be NULL) is the TTL etcd granted
+ * in its last answer (0 if none yet).  Returns 0; COORD_ENOTFOUND if the
+ * lease is not kept alive by this client (never was, stopped, revoked or
+ * lost); COORD_EUNAVAILABLE if no renewal has been answered yet (a lease
+ * given to coord_lease_keepalive: its first renewal is sent at once).
+ * Never blocks: any thread may call it as often as it likes, callbacks
+ * included.  Revocation by someone else is not foreseen here: it comes as
+ * the lost callback. */
+int coord_lease_deadline(coord_t *c, int64_t id, int64_t *ms_left, int64_t *ttl_ms);
 
 /* ---------------------------------------------------------------- watches */
 
@@ -319,6 +336,17 @@ int coord_lock_ttl(coord_lock_t *lock, int64_t *remaining_ms);
  * coord_lock_unlock. */
 const char *coord_lock_key(coord_lock_t *lock);
 int64_t coord_lock_token(coord_lock_t *lock); /* fencing: create revision */
+/* coord_lease_deadline of the lock's lease: how long the lock is certainly
+ * still held (*ms_left, ms from now; <= 0: it may be lost already) and the
+ * TTL granted (*ttl_ms, may be NULL; 0 if not known yet), with no round
+ * trip.  A holder that must stop before anyone else can get the lock
+ * (coord-lock(1) kills its command) acts while *ms_left is still well
+ * above 0.  Returns 0 while held (and while queued, for the place in the
+ * queue), COORD_ELOST once lost (or once its lease was given up locally),
+ * COORD_ENOTFOUND while still waiting for a lease, the failure code after
+ * a failed acquire, COORD_EINVAL when NULL or released.  Never blocks;
+ * callable from any thread, the lock's own callbacks included. */
+int coord_lock_deadline(coord_lock_t *lock, int64_t *ms_left, int64_t *ttl_ms);
 /* 0 while held, COORD_ELOST once lost, 1 while still waiting. */
 int coord_lock_state(coord_lock_t *lock);
 /* Called once on the event thread when a held lock is lost (lease expired

@@ -18,6 +18,11 @@
  * in `calling`: after they return, its lost callback is not running and
  * never will.  Internal callers that hold a lock their lost callback takes
  * use coord__lease_keepalive_forget, which does not wait.
+ *
+ * coord_lease_deadline reads a kept lease's local expiry under ls->mu: it
+ * never blocks on etcd, so a caller may ask it as often as it likes, from
+ * any thread (the lock pool asks it holding pool->mu: pool->mu comes before
+ * ls->mu, and lease.c never takes pool->mu while holding ls->mu).
  */
 #include "internal.h"
 #include "stream.h"
@@ -207,9 +212,13 @@ static void ka_message(coord__stream_t *s, ProtobufCMessage *msg, void *arg) {
       *pp = k->next;
       free(k);
     } else {
-      int64_t from = k->sent_at ? k->sent_at : now;
+      /* Counted from the send time of the request answered (one at a
+       * time per lease): etcd renewed the lease later than that.  An
+       * answer while none is out (the lease was kept again while an old
+       * renewal was out) moves no expiry: its send time is unknown. */
       k->ttl_ms = r->ttl * 1000;
-      k->expires = from + k->ttl_ms;
+      if (k->sent_at)
+        k->expires = k->sent_at + k->ttl_ms;
       k->next_renew = now + k->ttl_ms / 3;
       k->sent_at = 0;
     }
@@ -348,6 +357,40 @@ int coord_lease_keepalive_stop(coord_t *c, int64_t id) {
     return coord__err(COORD_EINVAL, "coord_lease_keepalive_stop: bad argument");
   unkeep(c, id, 1);
   return 0;
+}
+
+int coord_lease_deadline(coord_t *c, int64_t id, int64_t *ms_left, int64_t *ttl_ms) {
+  static const char fn[] = "coord_lease_deadline";
+  if (ms_left)
+    *ms_left = 0;
+  if (ttl_ms)
+    *ttl_ms = 0;
+  if (!c || id <= 0 || !ms_left)
+    return coord__err(COORD_EINVAL, "%s: NULL argument or bad lease id", fn);
+  leases_t *ls = coord__slot_get(c, COORD__SLOT_LEASE);
+  if (!ls)
+    return coord__err(COORD_ENOTFOUND, "%s: lease %llx is not kept alive by this client", fn,
+                      (unsigned long long)id);
+  int64_t now = coord__now_ms();
+  int rc = 0;
+  pthread_mutex_lock(&ls->mu);
+  kept_t *k = ls->kept;
+  while (k && k->id != id)
+    k = k->next;
+  if (!k) {
+    rc = coord__err(COORD_ENOTFOUND,
+                    "%s: lease %llx is not kept alive by this client (never, stopped or lost)", fn,
+                    (unsigned long long)id);
+  } else if (k->expires == INT64_MAX) {
+    rc = coord__err(COORD_EUNAVAILABLE, "%s: no renewal of lease %llx answered yet", fn,
+                    (unsigned long long)id);
+  } else {
+    *ms_left = k->expires - now;
+    if (ttl_ms)
+      *ttl_ms = k->ttl_ms;
+  }
+  pthread_mutex_unlock(&ls->mu);
+  return rc;
 }
 
 /* ---------------------------------------------------------------- close */

@@ -88,6 +88,8 @@
  *     locks).  User callbacks and coord__watch_remove are NEVER called with
  *     pool->mu held: transitions collect them in a post_t that post_run()
  *     executes after the mutex is released.
+ *   - coord_lock_deadline never blocks: it reads the local lease expiry
+ *     (lease.c, ls->mu) holding pool->mu, from any thread, callbacks too.
  *   - Every completion, watch event, timer and lease-lost callback runs on
  *     the event thread and never blocks.  Blocking functions
  *     (coord_lock_acquire, _try_acquire, _ttl, _set_note, guarded writes)
@@ -164,7 +166,8 @@ typedef struct lease_class {
   int64_t ttl_s;
   int64_t free_ids[POOL_MAX];
   int nfree;
-  int refilling; /* grants in flight for this class */
+  int refilling;       /* grants in flight for this class */
+  int64_t refill_sent; /* when the oldest of them was asked for (monotonic ms) */
   struct lease_class *next;
 } lease_class_t;
 
@@ -190,9 +193,10 @@ struct coord_lock_s {
   char *key;               /* prefix + lease hex; NULL until a lease is assigned */
   struct spent_key *spent; /* keys h->key replaced, kept until lock_free */
   lease_class_t *cls;
-  int64_t lease;   /* 0 until assigned */
-  int lease_owned; /* the handle owns h->lease (not yet handed back) */
-  int64_t token;   /* create revision of key; 0 until known */
+  int64_t lease;      /* 0 until assigned */
+  int64_t grant_sent; /* when the handle's own grant was asked for (monotonic ms) */
+  int lease_owned;    /* the handle owns h->lease (not yet handed back) */
+  int64_t token;      /* create revision of key; 0 until known */
   lk_state_t state;
   int status; /* LK_FAILED: why */
   char *detail;
@@ -456,11 +460,11 @@ static void pool_put(lease_class_t *k, int64_t id) {
 }
 
 /* Local expiry of a lease just granted, until its first renewal answers:
- * the granted TTL from now, less a margin for the grant's round trip (the
- * lease started when etcd granted it, a little before this answer). */
-static int64_t grant_expiry(const Etcdserverpb__LeaseGrantResponse *r) {
-  int64_t ttl = r->ttl * 1000, margin = ttl / 8 < 250 ? ttl / 8 : 250;
-  return coord__now_ms() + ttl - margin;
+ * the granted TTL from when the grant was asked for (etcd started the lease
+ * later than that, however slow the answer; a retried grant was first asked
+ * for earlier still).  coord_lock_deadline relies on it never being late. */
+static int64_t grant_expiry(const Etcdserverpb__LeaseGrantResponse *r, int64_t sent) {
+  return sent + r->ttl * 1000;
 }
 
 static void pool_refill_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg) {
@@ -472,7 +476,7 @@ static void pool_refill_done(coord_t *c, int status, ProtobufCMessage *resp, voi
   if (status == 0) {
     Etcdserverpb__LeaseGrantResponse *r = (Etcdserverpb__LeaseGrantResponse *)resp;
     if (r->id != 0 && (r->error == NULL || r->error[0] == '\0')) {
-      if (coord__lease_keepalive_until(c, r->id, grant_expiry(r), pool_lease_lost, pool) < 0)
+      if (coord__lease_keepalive_until(c, r->id, grant_expiry(r, k->refill_sent), pool_lease_lost, pool) < 0)
         pool_revoke(pool, r->id);
       else
         pool_put(k, r->id);
@@ -488,6 +492,8 @@ static void pool_refill(lease_class_t *k) {
   while (!pool->closing && k->nfree + k->refilling < POOL_SPARE) {
     Etcdserverpb__LeaseGrantRequest req = ETCDSERVERPB__LEASE_GRANT_REQUEST__INIT;
     req.ttl = k->ttl_s;
+    if (k->refilling == 0)
+      k->refill_sent = coord__now_ms();
     k->refilling++;
     pool->ops++;
     if (coord__unary_async(pool->c, &coord__m_lease_grant, &req.base, 0, pool_refill_done, k) < 0) {
@@ -972,6 +978,7 @@ static void start_lease(coord_lock_t *h, post_t *p) {
   req.ttl = h->cls->ttl_s;
   op_begin(h);
   h->busy = 1;
+  h->grant_sent = coord__now_ms();
   int rc = coord__unary_async(h->c, &coord__m_lease_grant, &req.base, 0, grant_done, h);
   if (rc < 0) {
     h->busy = 0;
@@ -999,8 +1006,9 @@ static void grant_done(coord_t *c, int status, ProtobufCMessage *resp, void *arg
       id = r->id;
   }
   if (status == 0) {
-    int rc = coord__lease_keepalive_until(c, id, grant_expiry((Etcdserverpb__LeaseGrantResponse *)resp),
-                                          pool_lease_lost, h->pool);
+    int rc = coord__lease_keepalive_until(
+        c, id, grant_expiry((Etcdserverpb__LeaseGrantResponse *)resp, h->grant_sent), pool_lease_lost,
+        h->pool);
     if (rc < 0) {
       pool_revoke(h->pool, id);
       status = rc;
@@ -1531,6 +1539,43 @@ int coord_lock_ttl(coord_lock_t *h, int64_t *remaining_ms) {
   int rc = coord_lease_ttl(h->c, lease, remaining_ms, &granted);
   if (rc == COORD_ENOTFOUND)
     return coord__err(COORD_ELOST, "%s: lease %" PRIx64 " expired", fn, (uint64_t)lease);
+  return rc;
+}
+
+int coord_lock_deadline(coord_lock_t *h, int64_t *ms_left, int64_t *ttl_ms) {
+  static const char fn[] = "coord_lock_deadline";
+  if (ms_left != NULL)
+    *ms_left = 0;
+  if (ttl_ms != NULL)
+    *ttl_ms = 0;
+  if (h == NULL || ms_left == NULL)
+    return coord__err(COORD_EINVAL, "%s: NULL argument", fn);
+  /* pool->mu is held across the look-up (pool->mu before ls->mu), so that
+   * the lease cannot go back to the pool, to another handle, meanwhile. */
+  pthread_mutex_lock(&h->pool->mu);
+  int rc = 0;
+  switch (h->state) {
+  case LK_LOST:
+    rc = coord__err(COORD_ELOST, "%s: lock %s lost", fn, h->name);
+    break;
+  case LK_FAILED:
+    rc = coord__err(h->status, "%s: acquire of %s failed: %s", fn, h->name, coord_strerror(h->status));
+    break;
+  case LK_RELEASED:
+    rc = coord__err(COORD_EINVAL, "%s: lock %s released", fn, h->name);
+    break;
+  default:
+    if (!h->lease_owned) {
+      rc = coord__err(COORD_ENOTFOUND, "%s: lock %s has no lease yet", fn, h->name);
+      break;
+    }
+    rc = coord_lease_deadline(h->c, h->lease, ms_left, ttl_ms);
+    if (rc == COORD_ENOTFOUND) /* the keep-alive gave it up: lost callback on its way */
+      rc = coord__err(COORD_ELOST, "%s: lease %" PRIx64 " of lock %s expired", fn, (uint64_t)h->lease,
+                      h->name);
+    break;
+  }
+  pthread_mutex_unlock(&h->pool->mu);
   return rc;
 }
 
