@@ -106,7 +106,7 @@ $(B)/examples/%: libcoord/examples/%.c $(LIBA)
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(LIBA) $(LDFLAGS) $(PKG_LIBS_CORE)
 
-$(B)/tests/%: tests/c/%.c $(LIBA)
+$(B)/tests/%: tests/c/%.c $(wildcard tests/c/*.h) $(LIBA)
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(LIBA) $(LDFLAGS) $(PKG_LIBS_CORE)
 

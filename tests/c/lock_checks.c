@@ -8,6 +8,7 @@
  * Prints "ok <what>" per check, "FAIL <what> ..." on failure; exits 1 if
  * anything failed.  Lock names are made unique with argv[1] (a run id).
  */
+#include "checks.h"
 #include "coord.h"
 
 #include <inttypes.h>
@@ -18,28 +19,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static int failures;
 static char run[64];
-
-#define CHECK(cond, ...)                                                                                     \
-  do {                                                                                                       \
-    if (cond) {                                                                                              \
-      printf("ok   " __VA_ARGS__);                                                                           \
-      printf("\n");                                                                                          \
-    } else {                                                                                                 \
-      failures++;                                                                                            \
-      printf("FAIL " __VA_ARGS__);                                                                           \
-      printf("  [line %d: %s] last error: %s\n", __LINE__, #cond, coord_last_error());                       \
-    }                                                                                                        \
-    fflush(stdout);                                                                                          \
-  } while (0)
-
-/* Evaluates a and b once each. */
-#define EQ(a, b, what)                                                                                       \
-  do {                                                                                                       \
-    long long eq_a_ = (long long)(a), eq_b_ = (long long)(b);                                                \
-    CHECK(eq_a_ == eq_b_, "%s (got %lld, want %lld)", what, eq_a_, eq_b_);                                   \
-  } while (0)
 
 static const char *nm(const char *base) {
   static __thread char buf[8][128];

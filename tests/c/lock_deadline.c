@@ -23,6 +23,7 @@
  * Threads: main, plus libcoord's event thread, on which on_lost runs (it
  * only prints, under stdout's own lock).
  */
+#include "checks.h"
 #include "coord.h"
 
 #include <inttypes.h>
@@ -33,27 +34,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static int failures;
 static char run[64];
-
-#define CHECK(cond, ...)                                                                                     \
-  do {                                                                                                       \
-    if (cond) {                                                                                              \
-      printf("ok   " __VA_ARGS__);                                                                           \
-      printf("\n");                                                                                          \
-    } else {                                                                                                 \
-      failures++;                                                                                            \
-      printf("FAIL " __VA_ARGS__);                                                                           \
-      printf("  [line %d: %s] last error: %s\n", __LINE__, #cond, coord_last_error());                       \
-    }                                                                                                        \
-    fflush(stdout);                                                                                          \
-  } while (0)
-
-#define EQ(a, b, what)                                                                                       \
-  do {                                                                                                       \
-    long long eq_a_ = (long long)(a), eq_b_ = (long long)(b);                                                \
-    CHECK(eq_a_ == eq_b_, "%s (got %lld, want %lld)", what, eq_a_, eq_b_);                                   \
-  } while (0)
 
 static long long now_ms(void) {
   struct timespec ts;
