@@ -232,25 +232,8 @@ class Proxy:
                             pass
                     return
 
-    def cut(self, mode):
-        assert mode in ("blackhole", "refuse")
-        self.mode = mode
-        if mode == "refuse":
-            try:
-                self.lsock.close()
-            except OSError:
-                pass
-            with self.mu:
-                socks, self.socks = self.socks, []
-            for s in socks:
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                    s.close()
-                except OSError:
-                    pass
-
-    def close(self):
-        self.closed = True
+    def _drop_all(self, reset):
+        """Stop listening and close every connection (reset: with RST)."""
         try:
             self.lsock.close()
         except OSError:
@@ -259,9 +242,21 @@ class Proxy:
             socks, self.socks = self.socks, []
         for s in socks:
             try:
+                if reset:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 s.close()
             except OSError:
                 pass
+
+    def cut(self, mode):
+        assert mode in ("blackhole", "refuse")
+        self.mode = mode
+        if mode == "refuse":
+            self._drop_all(reset=True)
+
+    def close(self):
+        self.closed = True
+        self._drop_all(reset=False)
 
 
 @pytest.fixture
