@@ -330,12 +330,18 @@ static void set_len(struct cfs_file *f, size_t len) {
   pthread_mutex_unlock(&wr_lock);
 }
 
-int config_open_size(const char *path, off_t *size) {
+/* The writable handle on path that changed size last (wr_lock held). */
+static struct cfs_file *newest_writer_locked(const char *path) {
   struct cfs_file *best = NULL;
-  pthread_mutex_lock(&wr_lock);
   for (struct cfs_file *f = writers; f; f = f->wnext)
     if (!strcmp(f->path, path) && (!best || f->wseq > best->wseq))
       best = f;
+  return best;
+}
+
+int config_open_size(const char *path, off_t *size) {
+  pthread_mutex_lock(&wr_lock);
+  struct cfs_file *best = newest_writer_locked(path);
   if (best)
     *size = (off_t)best->shown_len;
   pthread_mutex_unlock(&wr_lock);
@@ -364,10 +370,7 @@ static int node_times(const char *key, const struct timespec *atime, const struc
 int config_set_times(const char *path, const char *rel, struct cfs_file *f, const struct timespec *atime,
                      const struct timespec *mtime) {
   pthread_mutex_lock(&wr_lock);
-  struct cfs_file *w = f && f->kind == FK_CONFIG && f->writable ? f : NULL;
-  for (struct cfs_file *x = writers; x && !w; x = x->wnext)
-    if (!strcmp(x->path, path))
-      w = x;
+  struct cfs_file *w = f && f->kind == FK_CONFIG && f->writable ? f : newest_writer_locked(path);
   if (w) {
     w->times_set = 1;
     w->atime = *atime;
@@ -417,6 +420,24 @@ static int take_current(const coord_txn_result_t *r, struct current *cur) {
   return 0;
 }
 
+/* One Txn on etcd key k: if the key's mod revision compares to number as
+ * res says, Put val; else read the key (take_current).  The probe and the
+ * compared writes are both this shape.  COORD_* code; *out to free. */
+static int put_else_read(const char *k, coord_cmp_result_t res, int64_t number, const char *val, size_t len,
+                         coord_txn_result_t **out) {
+  coord_cmp_t cmp = {.key = k, .target = COORD_CMP_MOD, .result = res, .number = number};
+  coord_op_t put = {.type = COORD_OP_PUT, .key = k, .value = val, .value_len = len};
+  coord_op_t get = {.type = COORD_OP_RANGE, .key = k};
+  coord_txn_t txn = {.cmp = &cmp,
+                     .ncmp = 1,
+                     .success = &put,
+                     .nsuccess = 1,
+                     .failure = &get,
+                     .nfailure = 1,
+                     .timeout_ms = g.o.timeout_ms};
+  return coord_kv_txn(g.c, &txn, out);
+}
+
 /* What the close will find, asked at open (bash ignores close() errors, so
  * they must come here): one Txn whose compare can never hold (no mod
  * revision is below 0).  Its success branch holds a Put of the key, so
@@ -428,18 +449,8 @@ static int probe(const char *key, struct current *cur) {
   char *k = etcd_key(key);
   if (!k)
     return -ENOMEM;
-  coord_cmp_t cmp = {.key = k, .target = COORD_CMP_MOD, .result = COORD_CMP_LESS, .number = 0};
-  coord_op_t put = {.type = COORD_OP_PUT, .key = k, .value = "", .value_len = 0};
-  coord_op_t get = {.type = COORD_OP_RANGE, .key = k};
-  coord_txn_t txn = {.cmp = &cmp,
-                     .ncmp = 1,
-                     .success = &put,
-                     .nsuccess = 1,
-                     .failure = &get,
-                     .nfailure = 1,
-                     .timeout_ms = g.o.timeout_ms};
   coord_txn_result_t *r = NULL;
-  int rc = coord_kv_txn(g.c, &txn, &r);
+  int rc = put_else_read(k, COORD_CMP_LESS, 0, "", 0, &r);
   assert(rc || !r->succeeded); /* mod_revision < 0 never holds */
   int err = rc ? -cfs_errno(rc) : take_current(r, cur);
   if (rc) {
@@ -666,18 +677,8 @@ static int send_put(const char *k, const char *val, size_t len, int plain, int64
     coord_kv_result_free(r);
     return rc;
   }
-  coord_cmp_t cmp = {.key = k, .target = COORD_CMP_MOD, .result = COORD_CMP_EQUAL, .number = base_rev};
-  coord_op_t op = {.type = COORD_OP_PUT, .key = k, .value = val, .value_len = len};
-  coord_op_t get = {.type = COORD_OP_RANGE, .key = k};
-  coord_txn_t txn = {.cmp = &cmp,
-                     .ncmp = 1,
-                     .success = &op,
-                     .nsuccess = 1,
-                     .failure = &get,
-                     .nfailure = 1,
-                     .timeout_ms = g.o.timeout_ms};
   coord_txn_result_t *r = NULL;
-  rc = coord_kv_txn(g.c, &txn, &r);
+  rc = put_else_read(k, COORD_CMP_EQUAL, base_rev, val, len, &r);
   if (!rc && !r->succeeded) {
     rc = COORD_ECONFLICT;
     if (take_current(r, cur))
@@ -832,7 +833,7 @@ int config_release(struct cfs_file *f) {
 }
 
 int config_truncate(struct cfs_file *f, const char *rel, off_t size) {
-  if ((f && f->priv) || (local_name(rel) && !local_stat(rel, &(struct stat){0}))) {
+  if ((f && f->priv) || local_exists(rel)) {
     struct stat a = {.st_size = size};
     return local_setattr(rel, f, &a, FUSE_SET_ATTR_SIZE);
   }
@@ -926,7 +927,7 @@ int config_unlink(const char *rel) {
 int config_mkdir(const char *rel) {
   if (is_value_path(rel) || !strcmp(rel, ".value") || !cfs_key_ok(rel, strlen(rel)))
     return -EINVAL;
-  if (local_name(rel) && !local_stat(rel, &(struct stat){0}))
+  if (local_exists(rel))
     return -EEXIST;
   pthread_mutex_lock(&g.lock);
   struct cfs_node *n = cache_node(&g.config, rel);
@@ -1168,7 +1169,7 @@ int config_rename(const char *from, const char *to, unsigned flags) {
   if (flags & RENAME_EXCHANGE)
     return -EINVAL;
   struct stat st;
-  if (local_name(from) && !local_stat(from, &st)) /* a mount-local file */
+  if (local_exists(from)) /* a mount-local file */
     return local_name(to) ? local_rename(from, to, flags & RENAME_NOREPLACE) : -EXDEV;
   if (local_name(to) && !(config_stat(from, &st) == 0 && S_ISDIR(st.st_mode)))
     return -EXDEV; /* a key does not become mount-local: mv copies */
@@ -1200,7 +1201,7 @@ int config_rename(const char *from, const char *to, unsigned flags) {
 }
 
 int config_xattr(const char *rel, const char *name, char *buf, size_t size) {
-  if (local_name(rel) && !local_stat(rel, &(struct stat){0}))
+  if (local_exists(rel))
     return name ? -ENODATA : 0; /* not a key: no etcd metadata */
   char *key = config_key_of(rel);
   if (!key)

@@ -44,6 +44,10 @@
  *                 Taken before g.lock when both are needed.
  *   events lock   (events.c, private) the /events/ streams and their queues.
  *   notifier lock (notifier.c, private) the job queue and the current job.
+ *   wr_lock       (config.c, private, a leaf) the list of writable /config
+ *                 handles, their shown sizes and kept times.
+ *   local lock    (local.c, private, a leaf: taken under g.lock and
+ *                 file->lock) the mount-local files.
  *
  * Behaviour chosen where DESIGN.md leaves a choice:
  *   - an overwrite in place that lost the race (someone wrote the key after
@@ -335,6 +339,8 @@ char *config_key_of(const char *rel);
 int local_init(const char *globs); /* NULL: the default list; "" none */
 void local_free(void);
 int local_name(const char *rel); /* the last component matches a glob */
+int local_name_n(const char *rel, size_t len);
+int local_exists(const char *rel); /* a local name, and such a file exists */
 int local_stat(const char *rel, struct stat *st);
 int local_stat_open(const char *rel, struct stat *st); /* unlinked, still open */
 int local_dir_used(const char *dir);                   /* a local file below dir/ */
@@ -374,9 +380,13 @@ int events_open(struct cfs_file *f, int which, int nonblock);
 void events_read(fuse_req_t req, struct cfs_file *f, size_t size, int nonblock);
 void events_poll(fuse_req_t req, struct cfs_file *f, struct fuse_pollhandle *ph);
 void events_release(struct cfs_file *f);
+/* A JSON string of bytes that may not be UTF-8 (invalid bytes become '?'). */
+json_t *cfs_json_bytes(const char *p, size_t n);
 
 /* ---------------------------------------------------------------- procfd.c */
 
+/* Undoes mountinfo's octal escapes of a path field (in place). */
+void cfs_mountinfo_unescape(char *s);
 /* Learns this mount's device from /proc/self/mountinfo (after the mount). */
 void procfd_init(const char *mountpoint);
 /* 1 if process pid has a writable descriptor on inode ino of this mount,

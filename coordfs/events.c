@@ -307,8 +307,8 @@ static void publish(int which, int64_t rev, const char *line, size_t len) {
   }
 }
 
-/* A JSON string of bytes that may not be UTF-8 (invalid bytes become '?'). */
-static json_t *json_bytes(const char *p, size_t n) {
+/* (coordfs.h; also status.c's key names) */
+json_t *cfs_json_bytes(const char *p, size_t n) {
   json_t *s = json_stringn(p, n);
   if (s)
     return s;
@@ -327,10 +327,10 @@ static void publish_event(int which, const coord_event_t *ev, const char *rel, s
   if (!o)
     return;
   json_object_set_new(o, "type", json_string(ev->type == COORD_EVENT_PUT ? "PUT" : "DELETE"));
-  json_object_set_new(o, "key", json_bytes(rel, rel_len));
+  json_object_set_new(o, "key", cfs_json_bytes(rel, rel_len));
   json_object_set_new(o, "revision", json_integer(ev->revision));
   if (ev->type == COORD_EVENT_PUT)
-    json_object_set_new(o, "value", json_bytes(ev->kv.value, ev->kv.value_len));
+    json_object_set_new(o, "value", cfs_json_bytes(ev->kv.value, ev->kv.value_len));
   char *s = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
   json_decref(o);
   if (!s)
@@ -411,11 +411,8 @@ static void apply_event(int which, const coord_event_t *ev, const char *rel, siz
   const char *top = which == S_CONFIG ? "config" : "services";
   struct jobs js = {0};
   struct seen before, after;
-  int ok = cfs_key_ok(rel, rel_len);
-  char *name = ok && which == S_CONFIG ? strndup(rel, rel_len) : NULL;
-  if (name && local_name(name)) /* hidden by this mount's local file names */
-    ok = 0;
-  free(name);
+  /* a key with a local name is hidden on this mount (local.c) */
+  int ok = cfs_key_ok(rel, rel_len) && !(which == S_CONFIG && local_name_n(rel, rel_len));
   pthread_mutex_lock(&g.lock);
   char *key = strndup(rel, rel_len);
   struct cfs_node *kn = key ? cache_find(c, key) : NULL;

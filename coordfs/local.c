@@ -90,15 +90,26 @@ void local_free(void) {
   nglobs = 0;
 }
 
-int local_name(const char *rel) {
-  const char *base = strrchr(rel, '/');
-  base = base ? base + 1 : rel;
-  if (!*base)
+int local_name_n(const char *rel, size_t len) {
+  if (!nglobs)
     return 0;
+  const char *base = rel + len;
+  while (base > rel && base[-1] != '/')
+    base--;
+  size_t n = len - (size_t)(base - rel);
+  char name[256]; /* one component: at most 255 bytes */
+  if (!n || n >= sizeof(name))
+    return 0;
+  memcpy(name, base, n);
+  name[n] = 0;
   for (size_t i = 0; i < nglobs; i++)
-    if (!fnmatch(globs[i], base, 0))
+    if (!fnmatch(globs[i], name, 0))
       return 1;
   return 0;
+}
+
+int local_name(const char *rel) {
+  return local_name_n(rel, strlen(rel));
 }
 
 /* lk held. */
@@ -157,6 +168,15 @@ int local_stat(const char *rel, struct stat *st) {
     fill(f, st);
   pthread_mutex_unlock(&lk);
   return f ? 0 : -ENOENT;
+}
+
+int local_exists(const char *rel) {
+  if (!local_name(rel))
+    return 0;
+  pthread_mutex_lock(&lk);
+  int found = find(rel) != NULL;
+  pthread_mutex_unlock(&lk);
+  return found;
 }
 
 int local_stat_open(const char *rel, struct stat *st) {

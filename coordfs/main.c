@@ -217,10 +217,12 @@ static int opt_proc(void *data, const char *arg, int key, struct fuse_args *outa
 
 /* Long options and -o names, for the hint after an unknown option. */
 static const char *const known_names[] = {
-    "endpoints", "user",    "password-file", "cacert",      "cert",
-    "key",       "subtree", "prefix",        "lock-ttl",    "service-ttl",
-    "timeout",   "help",    "version",       "allow_other", "default_permissions",
-    "uid",       "gid",     "umask",         "debug",       "ro",
+    "endpoints", "user",        "password-file", "cacert",
+    "cert",      "key",         "subtree",       "prefix",
+    "lock-ttl",  "service-ttl", "local-names",   "timeout",
+    "help",      "version",     "allow_other",   "default_permissions",
+    "uid",       "gid",         "umask",         "debug",
+    "ro",
 };
 
 /* Edit distance of a[0..n) and b, if at most 2 (else 3). */
@@ -323,18 +325,7 @@ static int coordfs_mounted_on(const char *path) {
     char *source = type ? strtok_r(NULL, " \n", &save) : NULL;
     if (!mp || !type)
       continue;
-    /* mountinfo escapes space, tab, newline and backslash as \ooo */
-    char *o = mp;
-    for (char *p = mp; *p; p++) {
-      if (p[0] == '\\' && p[1] >= '0' && p[1] <= '3' && p[2] >= '0' && p[2] <= '7' && p[3] >= '0' &&
-          p[3] <= '7') {
-        *o++ = (char)((p[1] - '0') << 6 | (p[2] - '0') << 3 | (p[3] - '0'));
-        p += 3;
-      } else {
-        *o++ = *p;
-      }
-    }
-    *o = 0;
+    cfs_mountinfo_unescape(mp); /* space, tab, newline, backslash are \ooo */
     found = !strcmp(mp, path) && (!strcmp(type, "fuse.coordfs") ||
                                   (!strncmp(type, "fuse", 4) && source && !strcmp(source, "coordfs")));
   }

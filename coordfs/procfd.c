@@ -36,8 +36,8 @@
 static unsigned dev_major, dev_minor;
 static int dev_known;
 
-/* The mount point field of mountinfo, with its octal escapes undone. */
-static void unescape(char *s) {
+/* A path field of mountinfo, with its octal escapes undone (also main.c). */
+void cfs_mountinfo_unescape(char *s) {
   char *o = s;
   for (; *s; s++) {
     if (s[0] == '\\' && s[1] >= '0' && s[1] <= '3' && s[2] >= '0' && s[2] <= '7' && s[3] >= '0' &&
@@ -64,7 +64,7 @@ void procfd_init(const char *mountpoint) {
      * newest mount on that path is this one) */
     if (sscanf(line, "%*d %*d %u:%u %*s %4095s", &maj, &min, mnt) != 3)
       continue;
-    unescape(mnt);
+    cfs_mountinfo_unescape(mnt);
     if (!strcmp(mnt, mountpoint)) {
       dev_major = maj;
       dev_minor = min;

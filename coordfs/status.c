@@ -117,13 +117,7 @@ static json_t *key_json(const char *p, size_t n) {
   memcpy(c, p, m);
   if (cut)
     memcpy(c + m, "...", 3), m += 3;
-  json_t *s = json_stringn(c, m);
-  if (!s) {
-    for (size_t i = 0; i < m; i++)
-      if ((unsigned char)c[i] >= 0x80)
-        c[i] = '?';
-    s = json_stringn(c, m);
-  }
+  json_t *s = cfs_json_bytes(c, m);
   free(c);
   return s;
 }

@@ -176,6 +176,7 @@ def test_permission_denied_is_eacces(etcd, coordfs_mount):
     (["-o", "bogus=1"], "unknown option '-o bogus=1'", None),
     (["-o", "ro,bogus=1,allow_other"], "unknown option '-o bogus=1'", None),
     (["-o", "service_tll=3"], "unknown option '-o service_tll=3'", "did you mean '-o service-ttl=3'?"),
+    (["--local-name=*.tmp"], "unknown option '--local-name=*.tmp'", "did you mean '--local-names=*.tmp'?"),
 ])
 def test_unknown_option_is_named(tmp_path, argv, named, hint):
     """Refused at once (before etcd is asked: the endpoint here answers

@@ -154,6 +154,24 @@ def test_append_to_a_value_changed_elsewhere_keeps_both(etcd, coordfs_mount):
     assert etcd.get("/config/app") == "one\ntwo\nthree\n"
 
 
+def test_append_that_no_longer_fits_after_another_writer_fails_with_efbig(etcd, coordfs_mount, tmp_path):
+    """An append placed after another writer's value must still fit etcd's
+    request limit: if it does not, the close fails with EFBIG and etcd
+    keeps the other writer's value (nothing half-written)."""
+    m = coordfs_mount(etcd)
+    p = m.join("config", "big")
+    big = "a" * (1024 * 1024)
+    etcd.etcdctl("put", "/config/big", input=big)
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"b" * (400 * 1024))  # 1.4 MiB in all: fits
+    theirs = "c" * (1400 * 1024)
+    etcd.etcdctl("put", "/config/big", input=theirs)  # now the append would not
+    with pytest.raises(OSError) as ei:
+        os.close(fd)
+    assert ei.value.errno == errno.EFBIG
+    assert etcd.get("/config/big") == theirs
+
+
 # ------------------------------------------------------------------ 4. sizes while writing
 
 def test_cp_p_over_a_shorter_value_reads_back_whole(etcd, coordfs_mount, tmp_path):
